@@ -1,0 +1,176 @@
+"""Pipeline configuration: a TOML file, ``--set key=value`` overrides, the resolved copy.
+
+A config is a nested dict. ``DEFAULTS`` lists every key with its default; a pipeline file
+overrides some of them and ``--set`` overrides the file. Unknown keys are an error (a typo
+must not silently fall back to a default). The resolved config is written next to every
+output as ``config.resolved.toml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_MODEL = {
+    "arch": "resnet18",          # tiny | resnet18 | resnet34 | resnet50 | resnet101 | retinanet_resnet50_fpn[_v2]
+    "fpn_channels": 64,          # 256 in torchvision / the paper
+    "tiny_widths": [32, 64, 128, 256],
+    "backbone_norm": "bn",       # bn (trainable, trains from scratch) | frozen_bn (ImageNet fine-tuning, the paper)
+    "backbone_weights": "",      # optional local ImageNet state-dict file; nothing is downloaded
+    "head_norm": "group",        # group | none (torchvision v1 head has no norm)
+}
+
+_OPTIM = {
+    "optimizer": "adamw",        # adamw (cosine; trained best from scratch here, REFERENCE 6) | sgd (paper: warm-up + steps)
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "momentum": 0.9,
+    "batch_size": 16,
+    "epochs": 1,
+    "max_steps": 0,              # 0: epochs decide; otherwise stop after this many optimizer steps
+    "warmup_steps": 50,
+    "lr_milestones": [],         # for sgd: fractions of total steps where lr is multiplied by 0.1
+    "grad_clip": 10.0,
+    "hflip": True,
+    "seed": 0,
+    "num_workers": 2,
+    "eval_every_epochs": 0,      # 0: evaluate at the end only
+    "checkpoint_every_steps": 100,  # besides every epoch end, so a crash loses little
+    "focal_alpha": 0.25,
+    "focal_gamma": 2.0,
+    "box_loss": "l1",            # l1 | smooth_l1 | giou
+    "box_loss_weight": 1.0,
+    "amp": True,                 # only on CUDA
+}
+
+DEFAULTS: dict = {
+    "name": "pipeline",
+    "data": {
+        "root": "",
+        "train_images": "", "train_annotations": "",
+        "val_images": "", "val_annotations": "",
+        "unlabeled_images": "", "unlabeled_annotations": "",
+    },
+    "geometry": {
+        "min_size": 800,
+        "max_size": 1333,
+        "pad_divisor": 128,
+        "strides": [8, 16, 32, 64, 128],
+        "anchor_sizes": [32, 64, 128, 256, 512],
+        "aspect_ratios": [0.5, 1.0, 2.0],
+        "scales": [1.0, 2 ** (1 / 3), 2 ** (2 / 3)],
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    },
+    "detect": {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 100, "topk_candidates": 1000},
+    "teacher": {"model": dict(_MODEL), "train": dict(_OPTIM)},
+    "student": {"model": dict(_MODEL, arch="tiny"), "train": dict(_OPTIM)},
+    "dump": {
+        "views": ["orig"],
+        "images_per_shard": 64,
+        "batch_size": 8,
+        "with_box_regression": False,
+        "max_detections": 100,
+        "num_workers": 2,
+        "codec": {},             # empty: sadpipe.cache.codec.default_codec()
+    },
+    "distill": {
+        "method": "sad",         # none | kd | fdl | adl | sad | data_distillation
+        "loss_weight": 0.5,      # released code's alpha on the distillation term
+        "beta": 1.0,             # paper convention (released beta_code = 1 - beta)
+        "gamma": 2.0,
+        "variant": "paper",      # paper | released
+        "temperature": 1.0,      # plain KD only
+        "normalizer": "adaptive",  # adaptive (sum q^power) | foreground
+        "normalizer_power": 1.8,
+        "unlabeled_mix": "alternate",  # alternate labeled / mixed batches (released code) | labeled_only
+        "pseudo_labels": False,  # add focal/box losses on unlabeled images against the teacher's detections
+        "pseudo_score_thresh": 0.5,
+        "online_teacher": "",    # benchmark only: a teacher checkpoint run live every step instead of the cache
+    },
+}
+
+
+def _parse_value(text: str):
+    """TOML value syntax for --set (numbers, booleans, lists, quoted strings); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _merge(base: dict, override: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{where}.{key}" if where else key
+        if key not in base:
+            raise ConfigError(f"unknown config key '{path}'; known keys here: {', '.join(sorted(base))}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' is a table, got {value!r}")
+            out[key] = _merge(base[key], value, path)
+        else:
+            if isinstance(base[key], float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            out[key] = value
+    return out
+
+
+def apply_override(cfg: dict, assignment: str) -> dict:
+    """Apply one ``a.b.c=value`` override; returns a new dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = _parse_value(text.strip())
+    return _merge(cfg, nested, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """DEFAULTS <- pipeline file <- overrides. Relative data paths resolve against data.root."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        try:
+            cfg = _merge(cfg, loaded, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for assignment in overrides:
+        cfg = apply_override(cfg, assignment)
+    return cfg
+
+
+def data_path(cfg: dict, key: str) -> Path | None:
+    """The path of data key ``key`` (e.g. 'train_images'), resolved against data.root; None if unset."""
+    value = cfg["data"][key]
+    if not value:
+        return None
+    p = Path(value).expanduser()
+    root = cfg["data"]["root"]
+    return p if p.is_absolute() or not root else Path(root).expanduser() / p
+
+
+def save_resolved(cfg: dict, out_dir: str | Path, name: str = "config.resolved.toml") -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / name
+    target.write_text(tomli_w.dumps(cfg))
+    return target

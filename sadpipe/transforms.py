@@ -1,0 +1,90 @@
+"""Image preprocessing shared by teacher training, the teacher dump and the student.
+
+The cache stores the teacher's outputs for exactly this preprocessing, so it is described by
+a plain dict (``Preprocess.to_dict``) that is saved in checkpoints and in the store, and the
+cache reader refuses a student whose preprocessing differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .geometry import AnchorLayout, padded_size, resized_size
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    min_size: int
+    max_size: int
+    pad_divisor: int = 128
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def sizes(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((h, w) resized, (ph, pw) padded) for an original image of height x width."""
+        hw = resized_size(height, width, self.min_size, self.max_size)
+        return hw, padded_size(*hw, self.pad_divisor)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 [H, W, 3] RGB -> float32 [3, h, w] resized and normalised (not padded)."""
+        h, w = self.sizes(image.shape[0], image.shape[1])[0]
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        if (h, w) != tuple(image.shape[:2]):
+            x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def geometry_from_config(cfg: dict) -> tuple[AnchorLayout, Preprocess]:
+    g = cfg["geometry"]
+    layout = AnchorLayout(strides=tuple(g["strides"]), sizes=tuple(float(s) for s in g["anchor_sizes"]),
+                          aspect_ratios=tuple(float(r) for r in g["aspect_ratios"]),
+                          scales=tuple(float(s) for s in g["scales"]), pad_divisor=g["pad_divisor"])
+    pre = Preprocess(min_size=g["min_size"], max_size=g["max_size"], pad_divisor=g["pad_divisor"],
+                     image_mean=tuple(g["image_mean"]), image_std=tuple(g["image_std"]))
+    return layout, pre
+
+
+def hflip(image: np.ndarray, boxes: np.ndarray | None = None):
+    """Mirror an image uint8 [H, W, 3] and its boxes float32 [N, 4] (x1, y1, x2, y2) left-right."""
+    flipped = image[:, ::-1].copy()
+    if boxes is None:
+        return flipped, None
+    w = image.shape[1]
+    out = boxes.copy()
+    out[:, 0] = w - boxes[:, 2]
+    out[:, 2] = w - boxes[:, 0]
+    return flipped, out
+
+
+def scale_boxes(boxes: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
+    """Rescale boxes [N, 4] from one image size to another (per axis)."""
+    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+    return (boxes * np.array([sx, sy, sx, sy], dtype=np.float32)).astype(np.float32)
+
+
+def pad_batch(images: list[torch.Tensor], padded_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Stack images float32 [3, h_i, w_i] top-left on a zero canvas [B, 3, PH, PW].
+
+    The canvas is the largest per-image padded size, so each image's own padded grid is the
+    top-left block of the batch grid (geometry.image_to_batch_index).
+    """
+    ph = max(p[0] for p in padded_sizes)
+    pw = max(p[1] for p in padded_sizes)
+    batch = images[0].new_zeros((len(images), 3, ph, pw))
+    for i, img in enumerate(images):
+        batch[i, :, : img.shape[1], : img.shape[2]] = img
+    return batch, (ph, pw)
