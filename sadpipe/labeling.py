@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou_loss
-import torch.nn.functional as F
 
 from sadpipe.losses import sigmoid_focal_loss
 
