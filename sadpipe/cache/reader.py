@@ -1,0 +1,320 @@
+"""``TeacherCache``: read-only access to a finished teacher-cache store, by image id.
+
+Safe in DataLoader workers and in many processes at once: the small per-image tables are
+numpy arrays (inherited by forked workers, picklable for spawned ones) and the zarr array
+handles are (re)opened lazily in each process (tracked by ``os.getpid()``). Per record the
+reader touches one inner chunk (one image) of each per-view array, never whole arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from sadpipe.cache import format as fmt
+from sadpipe.cache.codec import codec_from_dict
+from sadpipe.cache.format import (
+    COMPLETION_ATTR,
+    METADATA_ATTR,
+    CacheMismatchError,
+    FailedImageError,
+    IncompleteStoreError,
+    NotAStoreError,
+    UnsupportedFormatError,
+)
+
+__all__ = [
+    "CacheRecord", "TeacherCache", "CacheMismatchError", "FailedImageError",
+    "IncompleteStoreError", "NotAStoreError", "UnsupportedFormatError", "read_store_metadata",
+]
+
+
+@dataclass
+class CacheRecord:
+    """One image's teacher outputs in one view (A = the image's own number of anchors).
+
+    cls_logits: float32 [A, K] decoded logits; box_regression: float32 [A, 4] or None;
+    det_boxes float32 [d, 4] (x1, y1, x2, y2, resized pixels), det_scores float32 [d],
+    det_labels int64 [d] (None if get(..., detections=False)); sizes are (h, w);
+    grid_sizes: one (h, w) per FPN level.
+    """
+
+    image_id: int
+    split: str
+    path: str
+    view: str
+    status: str
+    cls_logits: torch.Tensor
+    box_regression: torch.Tensor | None
+    det_boxes: torch.Tensor | None
+    det_scores: torch.Tensor | None
+    det_labels: torch.Tensor | None
+    orig_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    padded_size: tuple[int, int]
+    grid_sizes: list[tuple[int, int]]
+
+    @property
+    def num_anchors(self) -> int:
+        return int(self.cls_logits.shape[0])
+
+
+def read_store_metadata(path) -> tuple[dict, dict | None]:
+    """(root metadata, completion mark or None) of the store at ``path``.
+
+    Raises NotAStoreError (missing / not a sadpipe store) or UnsupportedFormatError.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise NotAStoreError(f"{path} is not a teacher cache (no zarr.json); check the path")
+    attrs = zarr.open_group(path, mode="r").attrs
+    meta = attrs.get(METADATA_ATTR)
+    if meta is None:
+        raise NotAStoreError(
+            f"{path} is a zarr store without sadpipe metadata (creation was interrupted, or another tool wrote it)"
+        )
+    version = meta.get("format_version")
+    if version not in fmt.SUPPORTED_FORMAT_VERSIONS:
+        raise UnsupportedFormatError(
+            f"{path} has teacher-cache format version {version}; this sadpipe reads "
+            f"{list(fmt.SUPPORTED_FORMAT_VERSIONS)}. Upgrade sadpipe or re-dump the teacher."
+        )
+    return meta, attrs.get(COMPLETION_ATTR)
+
+
+class TeacherCache:
+    """Read-only teacher cache. ``cache[image_id]`` is ``cache.get(image_id, view="orig")``.
+
+    A failed image (teacher could not read it) raises FailedImageError from ``get``; filter
+    the dataset with ``ok_image_ids()`` or ``status(image_id)`` first.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        meta, mark = read_store_metadata(self.path)
+        if not (mark and mark.get("complete")):
+            raise IncompleteStoreError(
+                f"teacher cache {self.path}: dump not finished; rerun the same dump-teacher command to resume"
+            )
+        self.metadata = meta
+        self.completion = mark
+        self.codec = codec_from_dict(meta["codec"])
+        self._tables: dict[str, np.ndarray] | None = None
+        self._id_to_index: dict[int, int] | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._pid: int | None = None
+
+    # ---- lazy opening ---------------------------------------------------------------
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"], state["_pid"] = {}, None  # zarr handles are reopened in the new process
+        return state
+
+    def _load_tables(self) -> dict[str, np.ndarray]:
+        if self._tables is None:
+            root = zarr.open_group(self.path, mode="r")
+            tables = {name: root[name][:] for name in ("images/image_id", "images/split", "images/path")}
+            for name in fmt.per_shard_array_names(self.metadata):
+                tables[name] = root[fmt.index_name(name)][:]
+            for name in ("images/path", "images/failure"):
+                tables[name] = np.asarray(tables[name].tolist(), dtype=object)
+            self._id_to_index = {int(x): i for i, x in enumerate(tables["images/image_id"].tolist())}
+            self._tables = tables
+        return self._tables
+
+    def _array(self, name: str) -> zarr.Array:
+        if self._pid != os.getpid():  # first use, or first use after a fork
+            self._arrays, self._pid = {}, os.getpid()
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = zarr.open_array(self.path / name, mode="r")
+            self._arrays[name] = arr
+        return arr
+
+    # ---- plan and per-image facts ---------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.metadata["num_images"]
+
+    def __contains__(self, image_id) -> bool:
+        self._load_tables()
+        return int(image_id) in self._id_to_index
+
+    @property
+    def image_ids(self) -> list[int]:
+        """All image ids in plan order (ok and failed)."""
+        return self._load_tables()["images/image_id"].tolist()
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return tuple(self.metadata["views"])
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata["num_classes"]
+
+    @property
+    def splits(self) -> dict[str, list[int]]:
+        """Split name ("labeled"/"unlabeled") -> image ids in plan order."""
+        t = self._load_tables()
+        return {
+            name: t["images/image_id"][t["images/split"] == code].tolist()
+            for code, name in fmt.SPLIT_NAMES.items()
+        }
+
+    def ok_image_ids(self, split: str | None = None) -> list[int]:
+        """Ids of images the teacher dumped successfully, optionally of one split."""
+        t = self._load_tables()
+        sel = t["images/status"] == fmt.STATUS_OK
+        if split is not None:
+            if split not in fmt.SPLIT_CODES:
+                raise ValueError(f"unknown split {split!r}; expected one of {sorted(fmt.SPLIT_CODES)}")
+            sel &= t["images/split"] == fmt.SPLIT_CODES[split]
+        return t["images/image_id"][sel].tolist()
+
+    @property
+    def failed_images(self) -> dict[int, str]:
+        """image id -> failure reason."""
+        t = self._load_tables()
+        idx = np.flatnonzero(t["images/status"] == fmt.STATUS_FAILED)
+        return {int(t["images/image_id"][i]): str(t["images/failure"][i]) for i in idx}
+
+    def index_of(self, image_id) -> int:
+        """Plan position of ``image_id``; KeyError if the cache does not hold it."""
+        self._load_tables()
+        try:
+            return self._id_to_index[int(image_id)]
+        except KeyError:
+            sample = self.image_ids[:5]
+            raise KeyError(
+                f"image id {image_id} is not in teacher cache {self.path} ({len(self)} images, e.g. ids "
+                f"{sample}); was the cache dumped for this dataset split?"
+            ) from None
+
+    def status(self, image_id) -> str:
+        """"ok" or "failed"."""
+        i = self.index_of(image_id)
+        return fmt.STATUS_NAMES[int(self._tables["images/status"][i])]
+
+    def split_of(self, image_id) -> str:
+        i = self.index_of(image_id)
+        return fmt.SPLIT_NAMES[int(self._tables["images/split"][i])]
+
+    # ---- records --------------------------------------------------------------------
+
+    def _checked(self, image_id, view: str) -> int:
+        i = self.index_of(image_id)
+        if view not in self.views:
+            raise KeyError(f"view {view!r} is not in teacher cache {self.path}; it has {list(self.views)}")
+        t = self._tables
+        if t["images/status"][i] != fmt.STATUS_OK:
+            raise FailedImageError(
+                f"the teacher dump failed for image id {image_id} ({t['images/path'][i]}): "
+                f"{t['images/failure'][i]}"
+            )
+        return i
+
+    def get_codes(self, image_id, view: str = "orig") -> np.ndarray:
+        """Raw codec codes, uint8 [A, K] (the image's own anchor rows)."""
+        i = self._checked(image_id, view)
+        a = int(self._tables["images/num_anchors"][i])
+        return self._array(f"views/{view}/cls_codes")[i, :a]
+
+    def get(self, image_id, view: str = "orig", *, box_regression: bool = True,
+            detections: bool = True) -> CacheRecord:
+        """The record of ``image_id`` in ``view``. Each per-view array costs one inner-chunk
+        read (~1-2 ms); pass box_regression=False / detections=False to skip those reads
+        (the fields are then None)."""
+        i = self._checked(image_id, view)
+        t = self._tables
+        a = int(t["images/num_anchors"][i])
+        d = int(t[f"views/{view}/det_count"][i])
+        codes = self._array(f"views/{view}/cls_codes")[i, :a]
+        box = None
+        if box_regression and self.metadata["with_box_regression"]:
+            box = torch.from_numpy(self._array(f"views/{view}/box_regression")[i, :a].astype(np.float32))
+        if not detections:
+            det_boxes = det_scores = det_labels = None
+        elif d:
+            det_boxes = self._array(f"views/{view}/det_boxes")[i, :d]
+            det_scores = self._array(f"views/{view}/det_scores")[i, :d]
+            det_labels = self._array(f"views/{view}/det_labels")[i, :d].astype(np.int64)
+        else:
+            det_boxes = np.zeros((0, 4), np.float32)
+            det_scores = np.zeros(0, np.float32)
+            det_labels = np.zeros(0, np.int64)
+        return CacheRecord(
+            image_id=int(t["images/image_id"][i]),
+            split=fmt.SPLIT_NAMES[int(t["images/split"][i])],
+            path=str(t["images/path"][i]),
+            view=view,
+            status="ok",
+            cls_logits=self.codec.decode(codes).float(),
+            box_regression=box,
+            det_boxes=None if det_boxes is None else torch.from_numpy(np.ascontiguousarray(det_boxes)),
+            det_scores=None if det_scores is None else torch.from_numpy(np.ascontiguousarray(det_scores)),
+            det_labels=None if det_labels is None else torch.from_numpy(det_labels),
+            orig_size=tuple(int(x) for x in t["images/orig_hw"][i]),
+            resized_size=tuple(int(x) for x in t["images/resized_hw"][i]),
+            padded_size=tuple(int(x) for x in t["images/padded_hw"][i]),
+            grid_sizes=[(int(h), int(w)) for h, w in t["images/grid_hw"][i]],
+        )
+
+    def __getitem__(self, image_id) -> CacheRecord:
+        return self.get(image_id, view="orig")
+
+    # ---- compatibility --------------------------------------------------------------
+
+    @property
+    def anchor_layout(self) -> dict:
+        return self.metadata["anchor_layout"]
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.metadata["preprocessing"]
+
+    def check_compatible(self, *, layout: dict, category_ids, class_names=None, preprocessing: dict) -> None:
+        """Raise CacheMismatchError naming every difference between this cache and the
+        student's anchor layout (AnchorLayout.to_dict()), classes and preprocessing."""
+        problems = []
+        lines = fmt.diff_dicts(self.anchor_layout, layout, "cache", "student")
+        if lines:
+            problems.append("anchor layout differs: " + "; ".join(lines))
+        classes = self.metadata["classes"]
+        cached_ids = [int(c) for c in classes.get("category_ids", [])]
+        student_ids = [int(c) for c in category_ids]
+        if cached_ids != student_ids:
+            only_cache = sorted(set(cached_ids) - set(student_ids))
+            only_student = sorted(set(student_ids) - set(cached_ids))
+            detail = (
+                f"only in cache {only_cache[:10]}, only in student {only_student[:10]}"
+                if only_cache or only_student
+                else "same ids in a different order"
+            )
+            problems.append(
+                f"classes differ: cache has {len(cached_ids)} category ids {fmt._short(cached_ids)}, "
+                f"student has {len(student_ids)} {fmt._short(student_ids)} ({detail})"
+            )
+        cached_names = classes.get("names")
+        if class_names is not None and cached_names is not None and list(cached_names) != list(class_names):
+            diff = [
+                f"{a!r} vs {b!r}" for a, b in zip(cached_names, class_names) if a != b
+            ][:5]
+            problems.append(
+                f"class names differ (cache vs student): {', '.join(diff) or 'different number of names'}"
+            )
+        lines = fmt.diff_dicts(self.preprocessing, preprocessing, "cache", "student")
+        if lines:
+            problems.append("preprocessing differs: " + "; ".join(lines))
+        if problems:
+            raise CacheMismatchError(
+                f"teacher cache {self.path} does not match the student:\n  - "
+                + "\n  - ".join(problems)
+                + "\nRe-dump the teacher with the student's settings, or point to the matching cache."
+            )
