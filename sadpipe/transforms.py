@@ -32,7 +32,7 @@ class Preprocess:
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         """uint8 [H, W, 3] RGB -> float32 [3, h, w] resized and normalised (not padded)."""
         h, w = self.sizes(image.shape[0], image.shape[1])[0]
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        x = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)
         if (h, w) != tuple(image.shape[:2]):
             x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         mean = torch.tensor(self.image_mean).view(3, 1, 1)

@@ -1,0 +1,148 @@
+"""The `sadpipe` command line: thin click commands that parse options and call library functions."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+def _config_options(fn):
+    """--config, --set, --device shared by the commands that read a pipeline config."""
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Pipeline TOML (see pipelines/). Default: pipelines/toy.toml.")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config key, e.g. --set teacher.train.lr=0.01 (repeatable).")
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                  help="auto uses CUDA when available.")
+    @functools.wraps(fn)
+    def wrapper(*args, config_path, overrides, **kwargs):
+        from .config import load_config
+        from .demo import default_pipeline
+        cfg = load_config(config_path or default_pipeline(), overrides)
+        return fn(*args, cfg=cfg, **kwargs)
+    return wrapper
+
+
+def _friendly_errors(fn):
+    """Turn the library's user-facing exceptions into one clear line and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import USER_ERRORS
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sadpipe")
+def main():
+    """sadpipe: distill single-stage detectors with Semi-supervised Adaptive Distillation.
+
+    \b
+    Quick start (CPU, toy data, minutes):
+      sadpipe demo
+    \b
+    The pipeline by hand:
+      sadpipe make-toy-data data/toy
+      sadpipe train-teacher --config pipelines/toy.toml --out runs/teacher
+      sadpipe evaluate --config pipelines/toy.toml --checkpoint runs/teacher/final.pt
+    """
+
+
+@main.command("make-toy-data")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@_friendly_errors
+def make_toy_data_cmd(out, seed):
+    """Write the synthetic toy dataset (COCO layout) to OUT, deterministically.
+
+    \b
+    Example:
+      sadpipe make-toy-data data/toy --seed 0
+    """
+    from .data.toy import make_toy_dataset
+    summary = make_toy_dataset(out, seed=seed)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@main.command("train-teacher")
+@_config_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
+@click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (overrides train.max_steps).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved state.")
+@click.option("--role", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True,
+              help="Which [*.model]/[*.train] tables to use; 'student' trains the student alone (no distillation).")
+@_friendly_errors
+def train_teacher_cmd(cfg, out, max_steps, resume, role, device):
+    """Train a RetinaNet supervised on the labeled train split, then evaluate on val.
+
+    \b
+    Examples:
+      sadpipe train-teacher --config pipelines/toy.toml --out runs/teacher
+      sadpipe train-teacher --config pipelines/toy.toml --out runs/teacher --resume
+      sadpipe train-teacher --config pipelines/coco_r101_teacher.toml --out runs/r101 --set data.root=/data/coco
+    """
+    from .evaluate import format_metrics_table
+    from .train import train_detector
+    summary = train_detector(cfg, out, role=role, device=device, max_steps=max_steps, resume=resume)
+    if "metrics" in summary:
+        click.echo(format_metrics_table({f"{role} ({summary['arch']})": summary["metrics"]}))
+    click.echo(f"{summary['steps']} steps in {summary['train_seconds']:.0f} s, {summary['images_per_s']:.1f} images/s; "
+               f"checkpoint {out / 'final.pt'}")
+
+
+@main.command("evaluate")
+@_config_options
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file for the metrics (default: next to the checkpoint).")
+@_friendly_errors
+def evaluate_cmd(cfg, checkpoint, out, device):
+    """COCO metrics (AP, AP50, AP75, APs, APm, APl) of a checkpoint on the config's val split.
+
+    \b
+    Example:
+      sadpipe evaluate --config pipelines/toy.toml --checkpoint runs/teacher/final.pt
+    """
+    from .data.dataset import labeled_source
+    from .evaluate import format_metrics_table
+    from .models import load_detector
+    from .predict import evaluate_model
+    from .training import select_device
+    dev = select_device(device)
+    model = load_detector(checkpoint).to(dev)
+    out = out or checkpoint.with_name(checkpoint.stem + "_eval.json")
+    metrics = evaluate_model(model, labeled_source(cfg, "val"), cfg, dev, out_json=out)
+    click.echo(format_metrics_table({checkpoint.name: metrics}))
+    click.echo(f"wrote {out}")
+
+
+@main.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Every stage writes here; a rerun skips finished stages.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a toy.toml key.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--fresh", is_flag=True, help="Delete the work directory first.")
+@_friendly_errors
+def demo_cmd(workdir, overrides, device, fresh):
+    """Run the whole toy pipeline on CPU: data, teacher, evaluation (and the later stages).
+
+    \b
+    Example:
+      sadpipe demo --workdir runs/demo
+    """
+    from .demo import run_demo
+    run_demo(workdir, overrides=overrides, device=device, fresh=fresh)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
