@@ -11,6 +11,7 @@ the plan position (axis 0 of every per-image array); joins outside the store are
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ class ArrayLayout:
     kind: str
 
 
-# Per-image arrays written with each shard; status must stay last in this tuple's use.
+# Small per-image arrays written with each shard (images/status is appended last by per_shard_array_names).
 PER_SHARD_IMAGE_ARRAYS = (
     "images/failure", "images/orig_hw", "images/resized_hw", "images/padded_hw",
     "images/grid_hw", "images/num_anchors",
@@ -275,6 +276,8 @@ def split_codes(splits) -> np.ndarray:
 def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date, _dt.time)):  # TOML dates in the resolved config
+        return obj.isoformat()
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):

@@ -82,7 +82,8 @@ def verify_store(path) -> VerifyReport:
         blocks = []
         for k, start, stop, data in _read_blocks(arr, layout, report):
             if layout.kind == "sharded":
-                if data is not None and layout.name.endswith("/cls_codes") and "images/num_anchors" in tables:
+                if (data is not None and layout.name.endswith("/cls_codes")
+                        and "images/num_anchors" in tables and "images/status" in tables):
                     _check_padding(layout.name, k, start, data, tables, report)
             else:
                 blocks.append(data)
@@ -96,9 +97,10 @@ def verify_store(path) -> VerifyReport:
 def _check_padding(name: str, k: int, start: int, data: np.ndarray, tables: dict, report: VerifyReport) -> None:
     """Rows past an image's num_anchors (and every row of a failed/pending image) must be zero."""
     num_anchors = tables["images/num_anchors"][start : start + data.shape[0]]
-    rows = np.arange(data.shape[1])[None, :] >= num_anchors[:, None]  # [n_k, A_max]
-    bad = np.flatnonzero((data * rows[:, :, None]).any(axis=(1, 2)))
-    if bad.size:
+    ok = tables["images/status"][start : start + data.shape[0]] == fmt.STATUS_OK
+    bad = [j for j in range(data.shape[0]) if data[j, int(num_anchors[j]) if ok[j] else 0 :].any()]
+    if bad:
+        bad = np.asarray(bad)
         report.problems.append(
             f"{name} shard {k}: nonzero codes past num_anchors at plan positions {(start + bad)[:MAX_LISTED].tolist()}"
         )

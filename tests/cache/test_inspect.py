@@ -93,3 +93,14 @@ def test_store_info_counts_and_compression(tmp_path):
     text = format_store_info(info)
     assert "ok 9, failed 1, pending 0" in text and "cannot identify image file" in text
     assert "bits per value" in text
+
+
+def test_codes_past_num_anchors_are_reported(tmp_path):
+    spec = _finished_store(tmp_path / "c.zarr", failed=frozenset({1}))
+    arr = zarr.open_array(tmp_path / "c.zarr/views/orig/cls_codes", mode="r+")
+    block = arr[0:4]
+    block[0, make_result(spec, 0).num_anchors, 0] = 1  # first padding row of image 0
+    block[1, 0, 2] = 9  # failed image 1 must have no codes at all
+    arr[0:4] = block  # a whole-shard rewrite: checksums stay valid
+    problems = verify_store(tmp_path / "c.zarr").problems
+    assert problems == ["views/orig/cls_codes shard 0: nonzero codes past num_anchors at plan positions [0, 1]"]

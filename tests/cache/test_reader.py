@@ -116,7 +116,7 @@ def test_check_compatible_accepts_matching_and_names_each_difference(store):
     assert "anchor layout" not in msg
 
 
-def _child_reads(path, image_ids, queue):
+def _child_reads(image_ids, queue):
     cache_from_parent = _PARENT_CACHE[0]  # inherited through fork, handles opened in the parent
     out = []
     for image_id in image_ids:
@@ -136,7 +136,7 @@ def test_works_across_fork_and_pickle(store):
     _PARENT_CACHE[:] = [cache]
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_child_reads, args=(path, ok_ids[r::2], queue)) for r in range(2)]
+    procs = [ctx.Process(target=_child_reads, args=(ok_ids[r::2], queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=60) for _ in procs]
