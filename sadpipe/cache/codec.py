@@ -254,9 +254,10 @@ class BinnedProbabilityCodec:
         images = codes.reshape((-1,) + codes.shape[-2:])
         out = np.empty(images.shape, np.float32)
         for i, image in enumerate(images):
-            counts = np.bincount(image.reshape(-1), minlength=2)
+            n0 = image.size - np.count_nonzero(image)
+            n1 = np.count_nonzero(image == 1)
             image_table = table.copy()
-            image_table[0] = self.floor_value(int(counts[0]), int(counts[1]))
+            image_table[0] = self.floor_value(int(n0), int(n1))
             image_pairs = pairs.copy().view(np.float32).reshape(MAX_CODES, MAX_CODES, 2)
             image_pairs[0, :, 1] = image_table[0]  # high byte (second code) = 0
             image_pairs[:, 0, 0] = image_table[0]  # low byte (first code) = 0
