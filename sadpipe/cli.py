@@ -126,6 +126,74 @@ def evaluate_cmd(cfg, checkpoint, out, device):
     click.echo(f"wrote {out}")
 
 
+@main.command("dump-teacher")
+@_config_options
+@click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Teacher checkpoint (sadpipe checkpoint, self-describing).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The Zarr store to write.")
+@click.option("--views", default=None, help="Comma-separated views to store: orig, hflip (default: dump.views).")
+@click.option("--with-box-regression", is_flag=True, default=None, help="Also store per-anchor box regression (float16).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings.")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording it as failed.")
+@_friendly_errors
+def dump_teacher_cmd(cfg, teacher, out, views, with_box_regression, overwrite, strict, device):
+    """Run the teacher over the labeled train and unlabeled images; write the teacher cache.
+
+    Rerunning the same command resumes an interrupted dump without redoing finished shards.
+    Several processes split the shards: torchrun --nproc-per-node N -m sadpipe dump-teacher ...
+
+    \b
+    Examples:
+      sadpipe dump-teacher --config pipelines/toy.toml --teacher runs/teacher/final.pt --out runs/cache.zarr
+      torchrun --nproc-per-node 8 -m sadpipe dump-teacher --config pipelines/coco_sad_r50.toml \\
+          --teacher r101.pt --out /data/cache.zarr
+    """
+    from .dump import dump_teacher
+    summary = dump_teacher(cfg, teacher, out, device=device, views=tuple(views.split(",")) if views else None,
+                           with_box_regression=with_box_regression, overwrite=overwrite, strict=strict)
+    click.echo(f"rank {summary['rank']}: {summary['images']} images in {summary['seconds']:.0f} s "
+               f"({summary['images_per_s']:.1f} images/s), {summary['failed']} failed")
+    if "completion" in summary:
+        click.echo(f"store complete: {out}")
+
+
+@main.group("cache")
+def cache_group():
+    """Inspect a teacher cache: info, verify, fidelity."""
+
+
+@cache_group.command("info")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly_errors
+def cache_info_cmd(store, as_json):
+    """Images per split and view, size on disk, bytes per image, ratio to dense float32, teacher, codec.
+
+    \b
+    Example:
+      sadpipe cache info runs/demo/cache.zarr
+    """
+    from .cache.inspect import format_store_info, store_info
+    info = store_info(store)
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else format_store_info(info))
+
+
+@cache_group.command("verify")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@_friendly_errors
+def cache_verify_cmd(store):
+    """Check completeness, every chunk's checksum and the metadata; exit 1 if anything is wrong.
+
+    \b
+    Example:
+      sadpipe cache verify runs/demo/cache.zarr
+    """
+    from .cache.inspect import verify_store
+    report = verify_store(store)
+    click.echo(str(report))
+    sys.exit(0 if report.ok else 1)
+
+
 @main.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Every stage writes here; a rerun skips finished stages.")
