@@ -1,0 +1,43 @@
+"""Shared fixtures: a small toy dataset and a tiny CPU pipeline config built on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sadpipe.config import load_config
+from sadpipe.data.toy import make_toy_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests share the machine with other work; one intra-op thread keeps them predictable.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """A 48/16/32-image toy dataset (train/val/unlabeled), made once per test session."""
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(root, seed=0, n_train=48, n_val=16, n_unlabeled=32, workers=1)
+    return root
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """toy.toml shrunk for tests: tiny teacher and student, short runs, no worker processes."""
+    return [
+        f"data.root={json.dumps(str(root))}",
+        'teacher.model.arch="tiny"', "teacher.model.fpn_channels=32", "teacher.model.tiny_widths=[16,32,64,128]",
+        "teacher.train.batch_size=8", "teacher.train.max_steps=6", "teacher.train.warmup_steps=2",
+        "teacher.train.num_workers=0",
+        "student.train.batch_size=8", "student.train.max_steps=6", "student.train.warmup_steps=2",
+        "student.train.num_workers=0",
+        "dump.images_per_shard=16", "dump.batch_size=8", "dump.num_workers=0",
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(toy_root) -> dict:
+    return load_config(REPO / "pipelines" / "toy.toml", tiny_overrides(toy_root))
