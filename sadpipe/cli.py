@@ -194,6 +194,70 @@ def cache_verify_cmd(store):
     sys.exit(0 if report.ok else 1)
 
 
+@main.command("train-student")
+@_config_options
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Teacher cache made by dump-teacher (not needed for --set distill.method=none).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
+@click.option("--method", type=click.Choice(["none", "kd", "fdl", "adl", "sad", "data_distillation"]), default=None,
+              help="Shortcut for --set distill.method=... (default: the config's, sad).")
+@click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (overrides train.max_steps).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last saved state.")
+@_friendly_errors
+def train_student_cmd(cfg, cache, out, method, max_steps, resume, device):
+    """Distill the config's student from a teacher cache (SAD by default), then evaluate on val.
+
+    The teacher is never loaded: soft targets stream from the cache, joined to images by id.
+    Several GPUs or nodes: torchrun --nproc-per-node N -m sadpipe train-student ...
+
+    \b
+    Examples:
+      sadpipe train-student --config pipelines/toy.toml --cache runs/cache.zarr --out runs/sad
+      sadpipe train-student --config pipelines/toy.toml --cache runs/cache.zarr --out runs/kd --method kd
+      torchrun --nproc-per-node 8 -m sadpipe train-student --config pipelines/coco_sad_r50.toml \\
+          --cache /data/cache.zarr --out runs/r50_sad
+    """
+    from .distill import train_student
+    from .evaluate import format_metrics_table
+    if method:
+        cfg["distill"]["method"] = method
+    summary = train_student(cfg, cache, out, device=device, max_steps=max_steps, resume=resume)
+    if "metrics" in summary:
+        click.echo(format_metrics_table({f"student {summary['method']} ({summary['arch']})": summary["metrics"]}))
+    click.echo(f"{summary['steps']} steps in {summary['train_seconds']:.0f} s, {summary['images_per_s']:.1f} images/s; "
+               f"checkpoint {out / 'final.pt'}")
+
+
+@cache_group.command("fidelity")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The teacher checkpoint the store was dumped from.")
+@click.option("--images", type=int, default=16, show_default=True, help="How many stored images to recompute live.")
+@click.option("--student", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also measure against this (partly trained) student checkpoint.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Pipeline TOML whose [student.model] builds the fresh student (default: the teacher's spec).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_friendly_errors
+def cache_fidelity_cmd(store, teacher, images, student, config_path, device):
+    """Recompute a sample of images with the teacher and compare the ADL signal of decoded vs exact logits.
+
+    Prints the loss relative error, the gradient cosine and the normaliser error, for a fresh
+    student and optionally a trained one.
+
+    \b
+    Example:
+      sadpipe cache fidelity runs/demo/cache.zarr --teacher runs/demo/teacher/final.pt --images 32
+    """
+    from .cache.live_fidelity import format_fidelity, store_fidelity
+    from .config import load_config
+    from .training import select_device
+    cfg = load_config(config_path) if config_path else None
+    result = store_fidelity(store, teacher, cfg, images=images, student_path=student,
+                            device=str(select_device(device)))
+    click.echo(format_fidelity(result))
+
+
 @main.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Every stage writes here; a rerun skips finished stages.")

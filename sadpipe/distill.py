@@ -1,0 +1,330 @@
+"""`sadpipe train-student`: distill a student from the teacher cache (ADL, SAD and baselines).
+
+Read top to bottom: set-up and the cache check, the two data streams, the loss of one batch,
+the loop. The teacher is never built here (unless ``distill.online_teacher`` asks for the
+online-distillation benchmark): soft targets come from ``TeacherCache`` records joined to the
+images by image id inside the DataLoader workers.
+
+Methods (``distill.method``):
+  none               focal + box loss on labeled images only (the student alone)
+  kd                 + plain binary KD  KL(q_T || p_T) T^2
+  fdl                + focal-style distillation (ADL with beta = 0)
+  adl                + ADL on labeled images
+  sad                + ADL on labeled and unlabeled images (the paper's SAD)
+  data_distillation  hard pseudo-labels (teacher detections above a score) on unlabeled images
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from . import losses
+from .cache.reader import TeacherCache
+from .config import save_resolved
+from .data.dataset import DetectionDataset, collate, labeled_source, seed_worker, unlabeled_source
+from .geometry import image_to_batch_index
+from .labeling import IGNORED, detection_loss
+from .models import count_parameters, load_detector, save_checkpoint
+from .predict import AnchorCache, autocast, evaluate_model
+from .train import build_model_for
+from .training import (MetricsLog, ResumableSampler, Throughput, TrainingError, barrier, build_optimizer,
+                       init_distributed, load_train_state, lr_factor, move_to, progress_bar, save_train_state,
+                       seed_everything, select_device)
+
+METHODS = ("none", "kd", "fdl", "adl", "sad", "data_distillation")
+SOFT_LOSS = {"kd", "fdl", "adl", "sad"}
+USES_UNLABELED = {"sad", "data_distillation"}
+
+
+class WithTeacher(Dataset):
+    """A DetectionDataset whose samples also carry the cached teacher record of the same view.
+
+    Adds ``teacher_logits`` float32 [A_img, K] (None when the store lacks the sample's view, e.g.
+    a flipped image and no hflip view: distillation is then off for that sample), and
+    ``pseudo`` (boxes, labels) from the teacher's stored detections above ``pseudo_thresh``.
+    """
+
+    def __init__(self, base: DetectionDataset, cache: TeacherCache | None, pseudo_thresh: float | None):
+        self.base, self.cache, self.pseudo_thresh = base, cache, pseudo_thresh
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        sample["teacher_logits"] = None
+        if self.cache is None or sample["view"] not in self.cache.views:
+            return sample
+        record = self.cache.get(sample["image_id"], view=sample["view"], box_regression=False,
+                                detections=self.pseudo_thresh is not None)
+        if record.padded_size != tuple(sample["padded_size"]):
+            raise TrainingError(f"image {sample['image_id']} ({sample['path']}): cached padded size {record.padded_size} "
+                                f"differs from this run's {sample['padded_size']}; the image file changed since the dump")
+        sample["teacher_logits"] = record.cls_logits
+        if self.pseudo_thresh is not None and not sample["labeled"]:
+            keep = record.det_scores >= self.pseudo_thresh
+            sample["boxes"], sample["labels"] = record.det_boxes[keep], record.det_labels[keep]
+            sample["iscrowd"] = torch.zeros(int(keep.sum()), dtype=torch.bool)
+        return sample
+
+
+def _stream_ids(source_ids: list[int], cache: TeacherCache | None, split: str) -> list[int]:
+    """The source's image ids that the cache holds as ok records of ``split`` (all of them without a cache)."""
+    if cache is None:
+        return list(source_ids)
+    ok = set(cache.ok_image_ids(split))
+    ids = [i for i in source_ids if i in ok]
+    if not ids:
+        raise TrainingError(f"none of the {len(source_ids)} {split} images of the config is in the teacher cache "
+                            f"{cache.path}; was it dumped from another dataset?")
+    return ids
+
+
+class Stream:
+    """An endless, resumable sequence of batches from one dataset (its own epochs and sampler)."""
+
+    def __init__(self, dataset, *, batch_size: int, seed: int, rank: int, world: int, loader_kw: dict):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.sampler = ResumableSampler(len(dataset), seed=seed, rank=rank, world_size=world)
+        self.per_epoch = (len(dataset) // world) // batch_size
+        if self.per_epoch < 1:
+            raise TrainingError(f"{len(dataset)} images are fewer than one batch of {batch_size} per rank")
+        self.loader_kw = loader_kw
+
+    def batches(self, consumed: int):
+        """Yield batches forever, starting after ``consumed`` batches."""
+        while True:
+            epoch, offset = divmod(consumed, self.per_epoch)
+            self.sampler.set_epoch(epoch, offset * self.batch_size)
+            self.dataset.set_epoch(epoch)
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                                **self.loader_kw)
+            for batch in loader:
+                consumed += 1
+                yield batch
+                if consumed % self.per_epoch == 0:
+                    break
+
+
+class ConcatWithEpoch(ConcatDataset):
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+
+def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None) -> tuple[torch.Tensor, dict]:
+    """Total loss of one batch and its terms (floats) for the log.
+
+    GT (or pseudo-GT) focal + box losses on the samples that have targets, plus
+    ``loss_weight * sum(distillation) / normaliser`` over every sample with teacher logits,
+    gathered at the sample's own anchors inside the batch canvas.
+    """
+    dcfg, tcfg = cfg["distill"], cfg["student"]["train"]
+    method = dcfg["method"]
+    canvas = batch["canvas"]
+    cls_logits, bbox = student(move_to(batch["images"], device))
+    cls_logits, bbox = cls_logits.float(), bbox.float()
+    terms: dict = {}
+    total = cls_logits.new_zeros(())
+
+    # -- hard targets: GT on labeled samples, pseudo-GT on unlabeled ones when they carry boxes
+    has_targets = [bool(lab) or (method == "data_distillation" or dcfg["pseudo_labels"]) for lab in batch["labeled"]]
+    sel = [i for i, h in enumerate(has_targets) if h]
+    matched = None
+    if sel:
+        targets = [{"boxes": batch["boxes"][i].to(device), "labels": batch["labels"][i].to(device),
+                    "iscrowd": batch["iscrowd"][i].to(device)} for i in sel]
+        det = detection_loss(cls_logits[sel], bbox[sel], anchors(canvas), targets, focal_alpha=tcfg["focal_alpha"],
+                             focal_gamma=tcfg["focal_gamma"], box_loss=tcfg["box_loss"])
+        hard = det["classification"] + tcfg["box_loss_weight"] * det["box_regression"]
+        total = total + hard * len(sel) / len(has_targets)  # an unlabeled sample without targets adds no hard loss
+        terms.update(cls=det["classification"].item(), box=det["box_regression"].item())
+        matched = dict(zip(sel, det["matched_idxs"]))
+
+    # -- soft targets from the teacher
+    if method in SOFT_LOSS:
+        if teacher is not None:  # online distillation (benchmark): the teacher sees the same canvas
+            with torch.no_grad(), autocast(device, True):
+                t_canvas = teacher(move_to(batch["images"], device))[0].float()
+        s_parts, t_parts, m_parts = [], [], []
+        for i in range(len(batch["image_id"])):
+            if teacher is None and batch["teacher_logits"][i] is None:
+                continue  # e.g. a flipped image and a cache without the hflip view
+            idx = image_to_batch_index(student_layout(student), batch["padded_size"][i], canvas).to(device)
+            s_parts.append(cls_logits[i, idx])
+            t_parts.append(t_canvas[i, idx] if teacher is not None else move_to(batch["teacher_logits"][i], device))
+            # anchors the GT matcher ignores (IoU in [0.4, 0.5)) are excluded on labeled images (REFERENCE 1)
+            keep = (matched[i][idx] != IGNORED) if (matched is not None and i in matched and batch["labeled"][i]) \
+                else torch.ones(idx.numel(), dtype=torch.bool, device=device)
+            m_parts.append(keep)
+        if s_parts:
+            s, t, m = torch.cat(s_parts), torch.cat(t_parts), torch.cat(m_parts)[:, None]
+            if method == "kd":
+                per_entry = losses.binary_kd_loss(s, t, temperature=dcfg["temperature"])
+            else:
+                beta = 0.0 if method == "fdl" else dcfg["beta"]
+                per_entry = losses.adaptive_distillation_loss(s, t, beta=beta, gamma=dcfg["gamma"],
+                                                              variant=dcfg["variant"])
+            if dcfg["normalizer"] == "adaptive":
+                norm = losses.adaptive_normalizer(t, power=dcfg["normalizer_power"], mask=m)
+            else:
+                fg = sum(int((matched[i] >= 0).sum()) for i in matched) if matched else 0
+                norm = losses.foreground_normalizer(fg)
+            soft = (per_entry * m).sum() / norm
+            total = total + dcfg["loss_weight"] * soft
+            terms.update(distill=soft.item(), normalizer=float(norm))
+    terms["loss"] = total.item()
+    return total, terms
+
+
+def student_layout(student):
+    return (student.module if hasattr(student, "module") else student).layout
+
+
+def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path, *, device: str = "auto",
+                  max_steps: int | None = None, resume: bool = False, evaluate: bool = True) -> dict:
+    """Train ``cfg['student']`` with ``cfg['distill']``; returns a summary dict (metrics included)."""
+    out_dir = Path(out_dir)
+    dcfg, tcfg = cfg["distill"], cfg["student"]["train"]
+    method = dcfg["method"]
+    if method not in METHODS:
+        raise TrainingError(f"distill.method must be one of {', '.join(METHODS)}, got {method!r}")
+    dev = select_device(device)
+    info = init_distributed(dev)
+    seed_everything(tcfg["seed"])
+    if info.is_main:
+        save_resolved(cfg, out_dir)
+
+    # -- the student, and the cache it must fit
+    train_src = labeled_source(cfg, "train")
+    student = build_model_for(cfg, "student", train_src.categories).to(dev)
+    needs_cache = method != "none"
+    online = bool(dcfg["online_teacher"]) and method in SOFT_LOSS
+    cache = None
+    if needs_cache and not online:
+        if cache_path is None:
+            raise TrainingError(f"distill.method={method} needs a teacher cache: pass --cache STORE "
+                                "(made by sadpipe dump-teacher), or --set distill.method=none")
+        cache = TeacherCache(cache_path)
+        cache.check_compatible(layout=student.layout.to_dict(), category_ids=student.spec["category_ids"],
+                               class_names=student.spec["class_names"], preprocessing=student.preprocess.to_dict())
+    teacher = load_detector(dcfg["online_teacher"]).to(dev).eval() if online else None
+
+    # -- data: a labeled stream and (SAD, data distillation) a mixed labeled + unlabeled stream
+    mix = dcfg["unlabeled_mix"] if method in USES_UNLABELED else "labeled_only"
+    flip = tcfg["hflip"]
+    if cache is not None and flip and "hflip" not in cache.views:
+        print("note: the cache has no hflip view; flipped images train without distillation")
+    pseudo = dcfg["pseudo_score_thresh"] if (method == "data_distillation" or dcfg["pseudo_labels"]) else None
+    labeled_ids = _stream_ids([r.image_id for r in train_src.images], cache, "labeled")
+    labeled = WithTeacher(DetectionDataset(train_src, student.preprocess, image_ids=labeled_ids, hflip=flip,
+                                           seed=tcfg["seed"]), cache, pseudo)
+    loader_kw = dict(collate_fn=collate, num_workers=tcfg["num_workers"], worker_init_fn=seed_worker,
+                     pin_memory=dev.type == "cuda")
+    streams = [Stream(labeled, batch_size=tcfg["batch_size"], seed=tcfg["seed"], rank=info.rank,
+                      world=info.world_size, loader_kw=loader_kw)]
+    if mix == "alternate":
+        unl_src = unlabeled_source(cfg)
+        if unl_src is None:
+            raise TrainingError(f"distill.method={method} needs unlabeled images: set data.unlabeled_images")
+        unl_ids = _stream_ids([r.image_id for r in unl_src.images], cache, "unlabeled")
+        # unlabeled images are flipped only when the cache has their flipped view (they have nothing else to learn)
+        unl_flip = flip and (cache is None or "hflip" in cache.views)
+        unlabeled = WithTeacher(DetectionDataset(unl_src, student.preprocess, image_ids=unl_ids, hflip=unl_flip,
+                                                 seed=tcfg["seed"]), cache, pseudo)
+        streams.append(Stream(ConcatWithEpoch([labeled, unlabeled]), batch_size=tcfg["batch_size"],
+                              seed=tcfg["seed"] + 1, rank=info.rank, world=info.world_size, loader_kw=loader_kw))
+    elif mix != "labeled_only":
+        raise TrainingError(f"distill.unlabeled_mix must be alternate or labeled_only, got {mix!r}")
+    total_steps = max_steps or tcfg["max_steps"] or tcfg["epochs"] * streams[0].per_epoch * len(streams)
+
+    # -- optimiser and resume
+    if dev.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(student, tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, tcfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and tcfg["amp"])
+    step = 0
+    state_path = out_dir / "train_state.pt"
+    if resume:
+        state = load_train_state(state_path)
+        if state is None:
+            raise TrainingError(f"--resume: no {state_path} to resume from; run without --resume to start")
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+    elif state_path.exists() and info.is_main:
+        raise TrainingError(f"{out_dir} already holds a run (train_state.pt); pass --resume to continue it, "
+                            "or choose another --out")
+    barrier(info)
+    net = DistributedDataParallel(student) if info.enabled else student
+    anchors = AnchorCache(student.layout, dev)
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if resume else None, enabled=info.is_main)
+    if info.is_main:
+        print(f"[student] {student.spec['arch']} {count_parameters(student) / 1e6:.2f}M params, method {method}, "
+              f"{len(labeled)} labeled" + (f" + {len(streams[1].dataset) - len(labeled)} unlabeled" if len(streams) > 1
+                                            else "") + f" images, {total_steps} steps, device {dev}")
+
+    def checkpoint(tag: str | None):
+        if not info.is_main:
+            return
+        save_train_state(state_path, {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                      "step": step, "rng": torch.get_rng_state()})
+        if tag:
+            save_checkpoint(out_dir / f"{tag}.pt", student, {"step": step, "method": method})
+
+    # -- the loop: streams take turns (labeled, mixed, labeled, ...), as in the released code
+    consumed = [len(range(k, step, len(streams))) for k in range(len(streams))]
+    iters = [s.batches(c) for s, c in zip(streams, consumed)]
+    images_per_step = tcfg["batch_size"] * info.world_size
+    bar = progress_bar(total_steps * images_per_step, step * images_per_step, f"student/{method}",
+                       enabled=info.is_main)
+    speed = Throughput()
+    t_start = time.perf_counter()
+    net.train()
+    while step < total_steps:
+        batch = next(iters[step % len(streams)])
+        with autocast(dev, tcfg["amp"]):
+            loss, terms = batch_loss(net, batch, anchors, cfg, dev, teacher)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at step {step}; lower student.train.lr or distill.loss_weight")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if tcfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), tcfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        speed.add(images_per_step)
+        bar.update(images_per_step)
+        bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
+        log.write({"step": step, "lr": scheduler.get_last_lr()[0], "stream": (step - 1) % len(streams), **terms,
+                   "images_per_s": speed.images_per_s})
+        if tcfg["checkpoint_every_steps"] and step % tcfg["checkpoint_every_steps"] == 0:
+            checkpoint(None)
+    bar.close()
+    train_seconds = time.perf_counter() - t_start
+    checkpoint(None)
+    summary = {"role": "student", "method": method, "arch": student.spec["arch"], "params": count_parameters(student),
+               "steps": step, "train_seconds": train_seconds, "images_per_s": speed.images_per_s}
+    if info.is_main:
+        save_checkpoint(out_dir / "final.pt", student, {"step": step, "method": method})
+        if evaluate:
+            summary["metrics"] = evaluate_model(student, labeled_source(cfg, "val"), cfg, dev,
+                                                batch_size=tcfg["batch_size"], out_json=out_dir / "eval.json")
+    barrier(info)
+    return summary
