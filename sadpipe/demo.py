@@ -47,8 +47,13 @@ class Stage:
 
 
 def run_demo(workdir: str | Path, *, overrides=(), device: str = "auto", fresh: bool = False) -> dict:
+    """data -> teacher -> teacher cache -> student alone and student with SAD -> table, report.md, plots."""
+    from .cache.inspect import store_info
     from .data.toy import make_toy_dataset
+    from .distill import train_student
+    from .dump import dump_teacher
     from .evaluate import format_metrics_table
+    from .report import markdown_table, plot_losses, plot_map
     from .train import train_detector
 
     workdir = Path(workdir)
@@ -58,26 +63,50 @@ def run_demo(workdir: str | Path, *, overrides=(), device: str = "auto", fresh: 
     t0 = time.perf_counter()
     cfg = load_config(default_pipeline(), [f"data.root={json.dumps(str(workdir / 'data'))}", *overrides])
 
-    data = Stage(workdir, "data")
-    if not data.done:
-        print("== stage 1: toy dataset")
-        data.finish(make_toy_dataset(workdir / "data", seed=0))
+    def stage(name: str, title: str, fn) -> dict:
+        s = Stage(workdir, name)
+        if s.done:
+            print(f"== {title}: done already ({s.dir})")
+            return s.summary()
+        print(f"== {title}")
+        t = time.perf_counter()
+        summary = fn(s.dir)
+        summary["stage_seconds"] = time.perf_counter() - t
+        return s.finish(summary)
 
-    teacher = Stage(workdir, "teacher")
-    if not teacher.done:
-        print("== stage 2: train the teacher")
-        resume = (teacher.dir / "train_state.pt").exists()
-        teacher.finish(train_detector(cfg, teacher.dir, role="teacher", device=device, resume=resume))
+    def resumable(run_dir: Path) -> bool:
+        return (run_dir / "train_state.pt").exists()
 
-    student = Stage(workdir, "student_alone")
-    if not student.done:
-        print("== stage 3: train the student alone (no distillation)")
-        resume = (student.dir / "train_state.pt").exists()
-        student.finish(train_detector(cfg, student.dir, role="student", device=device, resume=resume))
+    stage("data", "stage 1/5: toy dataset", lambda d: make_toy_dataset(workdir / "data", seed=0))
+    teacher = stage("teacher", "stage 2/5: train the teacher",
+                    lambda d: train_detector(cfg, d, role="teacher", device=device, resume=resumable(d)))
+    teacher_ckpt = workdir / "teacher" / "final.pt"
+    cache_path = workdir / "cache.zarr"
 
-    rows = {f"teacher ({teacher.summary()['arch']})": teacher.summary()["metrics"],
-            f"student alone ({student.summary()['arch']})": student.summary()["metrics"]}
-    print(format_metrics_table(rows))
+    def dump(d: Path) -> dict:
+        summary = dump_teacher(cfg, teacher_ckpt, cache_path, device=device)
+        summary["store"] = {k: v for k, v in store_info(cache_path).items() if not isinstance(v, (dict, list))}
+        return summary
+    stage("cache", "stage 3/5: dump the teacher cache (labeled + unlabeled, views orig + hflip)", dump)
+
+    alone_cfg = load_config(default_pipeline(), [f"data.root={json.dumps(str(workdir / 'data'))}", *overrides,
+                                                  'distill.method="none"'])
+    alone = stage("student_alone", "stage 4/5: train the student alone (no distillation)",
+                  lambda d: train_student(alone_cfg, None, d, device=device, resume=resumable(d)))
+    sad = stage("student_sad", "stage 5/5: train the student with SAD from the cache",
+                lambda d: train_student(cfg, cache_path, d, device=device, resume=resumable(d)))
+
+    rows = {f"teacher ({teacher['arch']})": teacher, f"student alone ({alone['arch']})": alone,
+            f"student + SAD ({sad['arch']})": sad}
+    print(format_metrics_table({k: v["metrics"] for k, v in rows.items()}))
     wall = time.perf_counter() - t0
-    print(f"demo finished in {wall:.0f} s; outputs in {workdir}")
+    plot_map(rows, workdir / "map.png")
+    plot_losses({"teacher": workdir / "teacher", "student alone": workdir / "student_alone",
+                 "student + SAD": workdir / "student_sad"}, workdir / "losses.png")
+    (workdir / "report.md").write_text(
+        "# sadpipe demo report\n\n" + markdown_table(rows) + "\n\n"
+        f"Teacher cache: {cache_path} — see `sadpipe cache info {cache_path}`.\n\n"
+        "![mAP per run](map.png)\n\n![loss curves](losses.png)\n\n"
+        f"Wall time of this invocation: {wall:.0f} s (stages already done are skipped).\n")
+    print(f"demo finished in {wall:.0f} s; report {workdir / 'report.md'}")
     return {"rows": rows, "wall_seconds": wall}
