@@ -1,7 +1,9 @@
 """`sadpipe dump-teacher`: run the teacher once and write its outputs to a teacher cache.
 
-Flow: plan (labeled train + unlabeled images, fixed order) -> the store (created by rank 0,
-or resumed) -> each rank takes its unfinished shards (k % world == rank) -> DataLoader
+Flow: plan (labeled train + unlabeled images, fixed order) -> the codec fitted on a sample
+of the teacher's logits (unless the store being resumed already holds it) -> the store
+(created by rank 0, or resumed) -> each rank takes its unfinished shards (k % world == rank),
+encoding with the codec read back from the store so every rank uses the same -> DataLoader
 workers read and preprocess a whole shard's images (both views) -> the teacher runs under
 no_grad (AMP on CUDA), images grouped by padded size so each image's logits are those of the
 image padded alone -> the codec quantises on the device -> a background thread writes the
@@ -21,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .cache.codec import codec_from_dict, default_codec
-from .cache.format import ImageResult, StoreSpec, ViewResult
+from .cache.format import METADATA_ATTR, ImageResult, StoreSpec, ViewResult
 from .cache.writer import StoreWriter
 from .config import save_resolved
 from .data.coco import check_disjoint_ids
@@ -34,6 +36,14 @@ from .training import DistInfo, barrier, init_distributed, progress_bar, select_
 from .transforms import Preprocess, geometry_from_config, hflip
 
 VIEWS = ("orig", "hflip")
+# Codec fit sample: images spread evenly over the plan, and at most this many (anchor, class)
+# values per image (a random subset of anchors) so a COCO-size fit stays in memory.
+CODEC_FIT_IMAGES = 32
+CODEC_FIT_VALUES_PER_IMAGE = 1 << 18
+# Config keys that change how fast the dump runs, not what it writes: left out of the store
+# metadata so a resume may change them. Sections a teacher cache does not depend on are too.
+RUN_ONLY_DUMP_KEYS = ("num_workers", "batch_size")
+STORED_CONFIG_SECTIONS = ("name", "data", "geometry", "detect", "dump", "teacher")
 
 
 class DumpError(ValueError):
@@ -47,16 +57,38 @@ class PlanEntry:
     path: str
 
 
-def build_plan(cfg: dict) -> list[PlanEntry]:
-    """Labeled train images then unlabeled ones, each sorted by image id; ids must be unique."""
+def build_plan(cfg: dict, limit: int | None = None) -> list[PlanEntry]:
+    """Labeled train images then unlabeled ones, in source order; ids are unique.
+
+    An unlabeled record with the id and file of a labeled one (e.g. train2017 listed inside a
+    mixed unlabeled stream) is the same image and is dumped once, as labeled. ``limit`` keeps
+    the first ``limit`` plan entries (benchmarks, smoke runs); the plan hash in the store
+    records it, so a resume cannot mix plans.
+    """
     labeled = labeled_source(cfg, "train")
     unlabeled = unlabeled_source(cfg)
     sources = [labeled] + ([unlabeled] if unlabeled is not None else [])
-    check_disjoint_ids(*sources)
+    try:
+        check_disjoint_ids(*sources)
+    except ValueError as e:
+        raise DumpError(str(e)) from None
     plan = [PlanEntry(r.image_id, "labeled", str(r.path)) for r in labeled.images]
     if unlabeled is not None:
-        plan += [PlanEntry(r.image_id, "unlabeled", str(r.path)) for r in unlabeled.images]
+        seen = {p.image_id for p in plan}
+        plan += [PlanEntry(r.image_id, "unlabeled", str(r.path)) for r in unlabeled.images if r.image_id not in seen]
+    if limit is not None:
+        if limit < 1:
+            raise DumpError(f"the image limit must be >= 1, got {limit}")
+        plan = plan[:limit]
     return plan
+
+
+def stored_config(cfg: dict) -> dict:
+    """The part of the resolved config that decides what the dump writes (kept in the store
+    metadata and compared on resume): no student/distill settings, no worker/batch counts."""
+    out = {k: cfg[k] for k in STORED_CONFIG_SECTIONS if k in cfg}
+    out["dump"] = {k: v for k, v in cfg["dump"].items() if k not in RUN_ONLY_DUMP_KEYS}
+    return out
 
 
 class DumpImages(Dataset):
@@ -73,7 +105,7 @@ class DumpImages(Dataset):
         try:
             image = read_image(entry.path)
         except ImageReadError as e:
-            return {"index": index, "image_id": entry.image_id, "failure": str(e)}
+            return {"index": index, "image_id": entry.image_id, "failure": str(e), "path": entry.path}
         size, padded = self.preprocess.sizes(*image.shape[:2])
         images = {v: self.preprocess(hflip(image)[0] if v == "hflip" else image) for v in self.views}
         return {"index": index, "image_id": entry.image_id, "failure": "", "images": images,
@@ -159,7 +191,7 @@ class BackgroundWriter:
 
 
 def make_spec(cfg: dict, plan: list[PlanEntry], teacher: Detector, teacher_path: Path, codec, views, *,
-              with_box_regression: bool) -> StoreSpec:
+              with_box_regression: bool, limit: int | None = None) -> StoreSpec:
     layout, preprocess = geometry_from_config(cfg)
     d = cfg["dump"]
     return StoreSpec(
@@ -173,15 +205,86 @@ def make_spec(cfg: dict, plan: list[PlanEntry], teacher: Detector, teacher_path:
             "preprocessing": preprocess.to_dict(),
             "classes": {"category_ids": teacher.spec["category_ids"], "names": teacher.spec["class_names"]},
             "teacher": {"arch": teacher.spec["arch"], "checkpoint_sha256": file_sha256(teacher_path),
-                        "checkpoint": str(teacher_path), "spec": teacher.spec},
-            "codec": codec.to_dict(), "detect": dict(cfg["detect"]), "config": cfg,
+                        "checkpoint": str(teacher_path.resolve()), "spec": teacher.spec},
+            "codec": codec.to_dict(), "detect": dict(cfg["detect"]), "plan_limit": limit,
+            "config": stored_config(cfg),
         })
+
+
+def check_teacher(teacher: Detector, teacher_path: Path, cfg: dict, categories) -> None:
+    """DumpError unless the teacher's anchors, preprocessing and classes are the config's."""
+    layout, preprocess = geometry_from_config(cfg)
+    problems = []
+    if teacher.layout.fingerprint() != layout.fingerprint():
+        problems.append(f"anchor layout {teacher.layout.to_dict()} vs the config's {layout.to_dict()} "
+                        "(the student learns per anchor, so they must match; fix [geometry])")
+    if teacher.preprocess != preprocess:
+        problems.append(f"preprocessing {teacher.preprocess.to_dict()} vs the config's {preprocess.to_dict()} "
+                        "(fix [geometry] min_size/max_size/image_mean/image_std)")
+    ids = [int(c) for c in teacher.spec["category_ids"]]
+    if ids != [int(c) for c in categories.category_ids]:
+        problems.append(f"{len(ids)} classes with category ids {ids[:20]} vs the training annotations' "
+                        f"{list(categories.category_ids)[:20]} (the teacher was trained on other classes)")
+    if problems:
+        raise DumpError(f"teacher {teacher_path} does not fit this config:\n  - " + "\n  - ".join(problems))
+
+
+def _stored_codec(out: Path, overwrite: bool):
+    """The codec of an existing store at ``out`` (resume reuses its fit), else None."""
+    if overwrite or not (out / "zarr.json").is_file():
+        return None
+    import zarr
+    meta = zarr.open_group(out, mode="r").attrs.get(METADATA_ATTR)
+    return None if meta is None or "codec" not in meta else codec_from_dict(meta["codec"])
+
+
+def _unfitted(codec) -> dict:
+    d = codec.to_dict()
+    return {k: v for k, v in d.items() if k not in ("decode_q", "floor_context")}
+
+
+def fit_codec(codec, teacher: Detector, plan: list[PlanEntry], preprocess, device: torch.device, *,
+              images: int = CODEC_FIT_IMAGES, values_per_image: int = CODEC_FIT_VALUES_PER_IMAGE, log=print):
+    """``codec.fit`` on the teacher's orig-view logits of up to ``images`` plan images spread
+    evenly over the plan (unreadable ones skipped), each image padded alone; at most
+    ``values_per_image`` values per image (a fixed random subset of its anchors)."""
+    if not getattr(codec, "needs_fit", False):
+        return codec
+    positions = np.unique(np.linspace(0, len(plan) - 1, num=min(images, len(plan))).round().astype(int))
+    generator = torch.Generator().manual_seed(0)
+    sample = []
+    with torch.no_grad():
+        for i in positions.tolist():
+            try:
+                image = read_image(plan[i].path)
+            except ImageReadError:
+                continue
+            _, padded = preprocess.sizes(*image.shape[:2])
+            x = preprocess(image)
+            batch = torch.zeros((1, 3, *padded))
+            batch[0, :, : x.shape[1], : x.shape[2]] = x
+            sample.append(teacher(batch.to(device))[0][0].float().cpu())  # [A_i, K]
+    if not sample:
+        raise DumpError("none of the codec-fit sample images could be read; check the image paths")
+    # codec.fit takes [B, A, K]: the same number of anchors per image, a random subset of each
+    # image's anchors (all levels alike; a stride could alias with the 9 anchors of a cell)
+    rows = min(min(t.shape[0] for t in sample), max(1, values_per_image // sample[0].shape[1]))
+    sample = [t if t.shape[0] == rows else t[torch.randperm(t.shape[0], generator=generator)[:rows].sort().values]
+              for t in sample]
+    fitted = codec.fit(torch.stack(sample))
+    log(f"fitted codec {codec.to_dict().get('name')} on {len(sample)} images of the plan")
+    return fitted
 
 
 def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device: str = "auto",
                  views: tuple[str, ...] | None = None, with_box_regression: bool | None = None,
-                 overwrite: bool = False, strict: bool = False, log=print) -> dict:
-    """Write (or resume) the teacher cache ``out``. Returns a summary dict (images/s, counts)."""
+                 overwrite: bool = False, strict: bool = False, limit: int | None = None, log=print) -> dict:
+    """Write (or resume) the teacher cache ``out``.
+
+    ``limit`` dumps only the first ``limit`` images of the plan (recorded in the store).
+    Returns a summary dict: rank, images (done by this rank in this run), failed, seconds and
+    images_per_s of the dump loop, fit_seconds (codec fit), and on rank 0 ``completion``.
+    """
     out, teacher_path = Path(out), Path(teacher_path)
     dev = select_device(device)
     info: DistInfo = init_distributed(dev)
@@ -193,20 +296,28 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
     layout, preprocess = geometry_from_config(cfg)
 
     teacher = load_detector(teacher_path).to(dev).eval()
-    if teacher.layout.fingerprint() != layout.fingerprint():
-        raise DumpError(f"teacher {teacher_path} was built with anchor layout {teacher.layout.to_dict()}, the config "
-                        f"says {layout.to_dict()}; the student learns per anchor, so they must match (fix [geometry])")
-    codec = codec_from_dict(d["codec"]) if d["codec"] else default_codec()
-    plan = build_plan(cfg)
-    spec = make_spec(cfg, plan, teacher, teacher_path, codec, views, with_box_regression=with_box_regression)
+    check_teacher(teacher, teacher_path, cfg, labeled_source(cfg, "train").categories)
+    plan = build_plan(cfg, limit)
 
+    fit_seconds = 0.0
     if info.is_main:
+        codec = codec_from_dict(d["codec"]) if d["codec"] else default_codec()
+        stored = _stored_codec(out, overwrite)
+        if stored is not None and _unfitted(stored) == _unfitted(codec):
+            codec = stored  # resume: the fit is part of the store's identity; refitting could differ in the last bit
+        else:
+            t_fit = time.perf_counter()
+            codec = fit_codec(codec, teacher, plan, preprocess, dev, log=log)
+            fit_seconds = time.perf_counter() - t_fit
+        spec = make_spec(cfg, plan, teacher, teacher_path, codec, views, with_box_regression=with_box_regression,
+                         limit=limit)
         writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
         log(writer.resume_summary)
         save_resolved(cfg, out.parent, name=f"{out.name}.config.resolved.toml")
     barrier(info)
     if not info.is_main:
         writer = StoreWriter.open(out)
+    codec = codec_from_dict(writer.metadata["codec"])  # every rank encodes with the stored codec
     shards = writer.pending_shards(info.rank, info.world_size)
 
     dataset = DumpImages(plan, preprocess, views)
@@ -221,7 +332,8 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
             ok_items = [it for it in items if not it["failure"]]
             if strict and len(ok_items) < len(items):
                 bad = next(it for it in items if it["failure"])
-                raise ImageReadError(f"{bad['failure']} (--strict stops at the first unreadable image)")
+                raise ImageReadError(bad["path"], f"{bad['failure']} (image id {bad['image_id']})",
+                                     "Fix or remove the file, or run without --strict to record it as failed.")
             per_view = {v: teacher_outputs(teacher, ok_items, v, codec, dev, batch_size=d["batch_size"],
                                            detect_cfg=cfg["detect"], with_box_regression=with_box_regression,
                                            amp=True) for v in views}
@@ -245,7 +357,7 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
             bar.close()
     seconds = time.perf_counter() - t0
     barrier(info)
-    summary = {"rank": info.rank, "images": todo, "failed": failed, "seconds": seconds,
+    summary = {"rank": info.rank, "images": todo, "failed": failed, "seconds": seconds, "fit_seconds": fit_seconds,
                "images_per_s": todo / seconds if seconds > 0 else 0.0}
     if info.is_main:
         summary["completion"] = writer.finalize()
