@@ -54,8 +54,6 @@ def train_detector(cfg: dict, out_dir: str | Path, *, role: str = "teacher", dev
     dev = select_device(device)
     info = init_distributed(dev)
     seed_everything(tcfg["seed"])
-    if info.is_main:
-        save_resolved(cfg, out_dir)
 
     # -- data
     train_source = labeled_source(cfg, "train")
@@ -88,6 +86,8 @@ def train_detector(cfg: dict, out_dir: str | Path, *, role: str = "teacher", dev
     elif state_path.exists() and info.is_main:
         raise TrainingError(f"{out_dir} already holds a run (train_state.pt); pass --resume to continue it, "
                             "or choose another --out")
+    if info.is_main:  # only now: a refused start must not overwrite the existing run's config
+        save_resolved(cfg, out_dir)
     barrier(info)
     net = DistributedDataParallel(model) if info.enabled else model
     anchors = AnchorCache(model.layout, dev)
@@ -125,6 +125,7 @@ def train_detector(cfg: dict, out_dir: str | Path, *, role: str = "teacher", dev
             scaler.unscale_(optimizer)
             if tcfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+            lr_used = optimizer.param_groups[0]["lr"]  # get_last_lr() after step() is the *next* step's lr
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -132,7 +133,7 @@ def train_detector(cfg: dict, out_dir: str | Path, *, role: str = "teacher", dev
             speed.add(images_per_step)
             bar.update(images_per_step)
             bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
-            log.write({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **terms,
+            log.write({"step": step, "epoch": epoch, "lr": lr_used, **terms,
                        "images_per_s": speed.images_per_s})
             if step % steps_per_epoch == 0:
                 checkpoint(f"checkpoint_epoch{step // steps_per_epoch}")
