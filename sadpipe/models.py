@@ -223,7 +223,11 @@ def load_detector(path: str | Path, arch: str | None = None, num_classes: int | 
         names_ids = {}
     spec = default_spec(arch, num_classes, layout, preprocess, **names_ids)
     model = Detector(spec)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: wrong arch or num_classes is a user error, not a bug
+        raise CheckpointError(f"{path}: state dict does not fit arch {arch} with {num_classes} classes: "
+                              f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: state dict does not fit arch {arch} with {num_classes} classes: "
