@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .geometry import AnchorLayout, padded_size, resized_size
 
 
@@ -49,10 +50,14 @@ class Preprocess:
 
 
 def geometry_from_config(cfg: dict) -> tuple[AnchorLayout, Preprocess]:
+    """The [geometry] table as (AnchorLayout, Preprocess); an inconsistent table is a ConfigError."""
     g = cfg["geometry"]
-    layout = AnchorLayout(strides=tuple(g["strides"]), sizes=tuple(float(s) for s in g["anchor_sizes"]),
-                          aspect_ratios=tuple(float(r) for r in g["aspect_ratios"]),
-                          scales=tuple(float(s) for s in g["scales"]), pad_divisor=g["pad_divisor"])
+    try:
+        layout = AnchorLayout(strides=tuple(g["strides"]), sizes=tuple(float(s) for s in g["anchor_sizes"]),
+                              aspect_ratios=tuple(float(r) for r in g["aspect_ratios"]),
+                              scales=tuple(float(s) for s in g["scales"]), pad_divisor=g["pad_divisor"])
+    except ValueError as e:  # a user's config mistake: the CLI reports ConfigError as one line
+        raise ConfigError(f"[geometry] in the config: {e}") from None
     pre = Preprocess(min_size=g["min_size"], max_size=g["max_size"], pad_divisor=g["pad_divisor"],
                      image_mean=tuple(g["image_mean"]), image_std=tuple(g["image_std"]))
     return layout, pre
