@@ -1,0 +1,174 @@
+"""`sadpipe cache fidelity`: a finished store against its teacher run live.
+
+A sample of ok images (seeded, from both splits) is recomputed with the teacher, each image
+padded alone as the dump does. For every stored view it reports
+
+- how many stored codes differ from ``codec.encode`` of the live logits (nonzero only from
+  float differences between the dump's batches and the image alone, or from a damaged or
+  mismatched store: zarr recomputes checksums on write, so ``verify`` cannot see codes
+  rewritten through zarr, this can);
+- the max / mean absolute error in q = sigmoid(logit) of the decoded store logits;
+- the ADL fidelity (``sadpipe.cache.fidelity.adl_fidelity``) of the decoded logits against
+  the exact ones, for a freshly initialised student and optionally a trained student
+  checkpoint, over the whole sample as one batch, plus the worst single image;
+- bits per value of the stored codes (``store_info``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sadpipe.cache.fidelity import adl_fidelity
+from sadpipe.cache.format import StoreMismatchError
+from sadpipe.cache.inspect import store_info
+from sadpipe.cache.reader import TeacherCache
+
+FRESH_STUDENT = "fresh student"
+
+
+def _sample_ids(cache: TeacherCache, images: int, seed: int) -> list[int]:
+    """Up to ``images`` ok ids: half from each split (the other split fills a short one)."""
+    rng = np.random.default_rng(seed)
+    pools = {s: cache.ok_image_ids(s) for s in ("labeled", "unlabeled")}
+    if not any(pools.values()):
+        raise StoreMismatchError(f"teacher cache {cache.path} has no ok image to compare")
+    want = {"labeled": images // 2 + images % 2, "unlabeled": images // 2}
+    for a, b in (("labeled", "unlabeled"), ("unlabeled", "labeled")):
+        spare = max(0, want[a] - len(pools[a]))
+        want[a] -= spare
+        want[b] += spare
+    chosen = []
+    for split, pool in pools.items():
+        n = min(want[split], len(pool))
+        chosen += [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False).tolist())]
+    return chosen
+
+
+def _fresh_student_spec(teacher_spec: dict, cfg: dict | None) -> dict:
+    """The teacher's spec (store's anchors, preprocessing, classes) with the student's architecture."""
+    from sadpipe.geometry import AnchorLayout
+    from sadpipe.models import default_spec
+    from sadpipe.transforms import Preprocess
+
+    if cfg is None:
+        return dict(teacher_spec)
+    m = cfg["student"]["model"]
+    return default_spec(m["arch"], teacher_spec["num_classes"], AnchorLayout.from_dict(teacher_spec["layout"]),
+                        Preprocess.from_dict(teacher_spec["preprocess"]), fpn_channels=m["fpn_channels"],
+                        tiny_widths=m["tiny_widths"], backbone_norm=m["backbone_norm"], head_norm=m["head_norm"],
+                        category_ids=teacher_spec["category_ids"], class_names=teacher_spec["class_names"])
+
+
+@torch.no_grad()
+def _logits_alone(model, preprocess, image: np.ndarray, device) -> torch.Tensor:
+    """float32 [A, K] (CPU): ``model`` on one uint8 [H, W, 3] image padded alone."""
+    _, padded = preprocess.sizes(*image.shape[:2])
+    x = preprocess(image)
+    batch = torch.zeros((1, 3, *padded))
+    batch[0, :, : x.shape[1], : x.shape[2]] = x
+    return model(batch.to(device))[0][0].float().cpu()
+
+
+def store_fidelity(store_path, teacher_path, cfg: dict | None = None, *, images: int = 16,
+                   student_path=None, device: str = "cpu", seed: int = 0) -> dict:
+    """Compare a store with its teacher recomputed live on ``images`` sampled ok images.
+
+    Args:
+        store_path: a finished teacher cache. teacher_path: the checkpoint it was dumped from
+            (its sha256 must be the one in the store).
+        cfg: pipeline config or None; gives the fresh student's architecture
+            (``student.model``) and the ADL settings (``distill.beta/gamma/variant/normalizer_power``).
+        images: sample size; seed: sample and fresh-student seed.
+        student_path: optional trained student checkpoint (must match the store's anchors/classes).
+
+    Returns:
+        dict: ``store``, ``teacher``, ``image_ids``, ``adl`` (settings used) and per view
+        ``views[v]`` = {``entries``, ``code_mismatch_fraction``, ``max_abs_q_error``,
+        ``mean_abs_q_error``, ``bits_per_value``, ``students``: {name: adl_fidelity dict +
+        ``worst_image_grad_cosine``, ``worst_image_id``}}.
+    """
+    from sadpipe.data.images import read_image
+    from sadpipe.models import build_detector, file_sha256, load_detector
+    from sadpipe.training import select_device
+    from sadpipe.transforms import Preprocess
+
+    dev = select_device(device)
+    cache = TeacherCache(store_path)
+    meta = cache.metadata
+    teacher_path = Path(teacher_path)
+    sha = file_sha256(teacher_path)
+    if sha != meta["teacher"].get("checkpoint_sha256"):
+        raise StoreMismatchError(
+            f"teacher {teacher_path} (sha256 {sha[:12]}...) is not the teacher of {cache.path} "
+            f"({meta['teacher'].get('checkpoint')}, sha256 {str(meta['teacher'].get('checkpoint_sha256'))[:12]}...); "
+            "pass the checkpoint the store was dumped from")
+    teacher = load_detector(teacher_path).to(dev).eval()
+    preprocess = Preprocess.from_dict(meta["preprocessing"])
+    torch.manual_seed(seed)
+    students = {FRESH_STUDENT: build_detector(_fresh_student_spec(teacher.spec, cfg)).to(dev).eval()}
+    if student_path is not None:
+        student = load_detector(student_path).to(dev).eval()
+        cache.check_compatible(layout=student.layout.to_dict(), category_ids=student.spec["category_ids"],
+                               preprocessing=student.preprocess.to_dict())
+        students[Path(student_path).name] = student
+    d = (cfg or {}).get("distill", {})
+    adl = {"beta": d.get("beta", 1.0), "gamma": d.get("gamma", 2.0), "variant": d.get("variant", "paper"),
+           "power": d.get("normalizer_power", 1.8)}
+
+    ids = _sample_ids(cache, images, seed)
+    info = store_info(cache.path)
+    out = {"store": str(cache.path), "teacher": str(teacher_path), "image_ids": ids, "adl": adl, "views": {}}
+    for view in cache.views:
+        exact, decoded, student_logits = [], [], {name: [] for name in students}
+        mismatched = entries = 0
+        for image_id in ids:
+            image = read_image(cache.get(image_id, view, box_regression=False, detections=False).path)
+            if view == "hflip":
+                image = image[:, ::-1].copy()
+            live = _logits_alone(teacher, preprocess, image, dev)
+            codes = cache.get_codes(image_id, view)
+            if codes.shape != tuple(live.shape):
+                raise StoreMismatchError(f"{cache.path}: image {image_id} has {codes.shape[0]} stored anchors but the "
+                                         f"teacher gives {live.shape[0]}; the store's preprocessing is not the teacher's")
+            mismatched += int((cache.codec.encode(live).numpy() != codes).sum())
+            entries += codes.size
+            exact.append(live)
+            decoded.append(cache.codec.decode(codes).float())
+            for name, model in students.items():
+                student_logits[name].append(_logits_alone(model, preprocess, image, dev))
+        q_err = (torch.sigmoid(torch.cat(decoded).double()) - torch.sigmoid(torch.cat(exact).double())).abs()
+        per_student = {}
+        for name, logits in student_logits.items():
+            f = adl_fidelity(torch.cat(logits), torch.cat(exact), torch.cat(decoded), **adl)
+            worst = min(((adl_fidelity(s, e, q, **adl)["grad_cosine"], i)
+                         for s, e, q, i in zip(logits, exact, decoded, ids)), key=lambda t: t[0])
+            per_student[name] = {**f, "worst_image_grad_cosine": worst[0], "worst_image_id": worst[1]}
+        out["views"][view] = {
+            "entries": entries, "code_mismatch_fraction": mismatched / max(1, entries),
+            "max_abs_q_error": float(q_err.max()), "mean_abs_q_error": float(q_err.mean()),
+            "bits_per_value": info["views"][view]["bits_per_value"], "students": per_student,
+        }
+    return out
+
+
+def format_fidelity(d: dict) -> str:
+    """Human-readable table of a store_fidelity() dict."""
+    n = len(d["image_ids"])
+    adl = d["adl"]
+    lines = [f"teacher cache {d['store']} vs teacher {d['teacher']} recomputed live on {n} images",
+             f"ADL beta={adl['beta']} gamma={adl['gamma']} variant={adl['variant']} normaliser power={adl['power']}",
+             "",
+             "| view | bits/value | codes differing | max abs q error | mean abs q error | student "
+             "| loss rel err | grad cosine | worst image cosine | normaliser rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for view, v in d["views"].items():
+        bits = "n/a" if v["bits_per_value"] is None else f"{v['bits_per_value']:.3f}"
+        for name, s in v["students"].items():
+            lines.append(
+                f"| {view} | {bits} | {100 * v['code_mismatch_fraction']:.4f} % | {v['max_abs_q_error']:.4f} "
+                f"| {v['mean_abs_q_error']:.2e} | {name} | {s['loss_rel_error']:.2e} | {s['grad_cosine']:.6f} "
+                f"| {s['worst_image_grad_cosine']:.6f} (id {s['worst_image_id']}) | {s['normalizer_rel_error']:.2e} |")
+    return "\n".join(lines)
