@@ -2,7 +2,8 @@
 
 A config is a nested dict. ``DEFAULTS`` lists every key with its default; a pipeline file
 overrides some of them and ``--set`` overrides the file. Unknown keys are an error (a typo
-must not silently fall back to a default). The resolved config is written next to every
+must not silently fall back to a default), and so is a value of another kind than the
+default's (an int is accepted for a float). The resolved config is written next to every
 output as ``config.resolved.toml``.
 """
 
@@ -107,6 +108,23 @@ def _parse_value(text: str):
         return text
 
 
+def _checked_value(path: str, default, value):
+    """``value`` for a key whose default is ``default``: same kind (an int is fine for a float), else ConfigError."""
+    def fail(kind: str):
+        raise ConfigError(f"config key '{path}' expects {kind}, got {value!r}")
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else fail("true or false")
+    if isinstance(default, int):
+        return value if isinstance(value, int) and not isinstance(value, bool) else fail("an integer")
+    if isinstance(default, float):
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else fail("a number")
+    if isinstance(default, str):
+        return value if isinstance(value, str) else fail('a string (quote it: "...")')
+    if isinstance(default, list):
+        return value if isinstance(value, list) else fail("a list, e.g. [1, 2]")
+    return value
+
+
 def _merge(base: dict, override: dict, where: str) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
@@ -116,12 +134,20 @@ def _merge(base: dict, override: dict, where: str) -> dict:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{path}' is a table, got {value!r}")
-            out[key] = _merge(base[key], value, path)
+            # an empty default table (dump.codec) is free-form: its keys belong to another module
+            out[key] = _merge(base[key], value, path) if base[key] else copy.deepcopy(value)
         else:
-            if isinstance(base[key], float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            out[key] = value
+            out[key] = _checked_value(path, base[key], value)
     return out
+
+
+def _default_at(cfg: dict, parts: list[str]):
+    node = cfg
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def apply_override(cfg: dict, assignment: str) -> dict:
@@ -134,7 +160,10 @@ def apply_override(cfg: dict, assignment: str) -> dict:
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = _parse_value(text.strip())
+    value = _parse_value(text.strip())
+    if isinstance(_default_at(cfg, parts), str) and not isinstance(value, str):
+        value = text.strip()  # a string key takes the text as written: data.root=2024 is the folder "2024"
+    node[parts[-1]] = value
     return _merge(cfg, nested, "")
 
 
