@@ -46,40 +46,38 @@ class Stage:
         return json.loads((self.dir / "summary.json").read_text())
 
 
-def run_demo(workdir: str | Path, *, overrides=(), device: str = "auto", fresh: bool = False) -> dict:
-    """data -> teacher -> teacher cache -> student alone and student with SAD -> table, report.md, plots."""
+def run_stage(workdir: Path, name: str, title: str, fn) -> dict:
+    """Run ``fn(stage_dir) -> summary`` unless the stage is done; record its duration."""
+    s = Stage(workdir, name)
+    if s.done:
+        print(f"== {title}: done already ({s.dir})")
+        return s.summary()
+    print(f"== {title}")
+    t = time.perf_counter()
+    summary = fn(s.dir)
+    summary["stage_seconds"] = time.perf_counter() - t
+    return s.finish(summary)
+
+
+def has_state(run_dir: Path) -> bool:
+    """An interrupted training run left a state to resume from."""
+    return (run_dir / "train_state.pt").exists()
+
+
+def toy_config(workdir: Path, overrides=(), pipeline: Path | None = None) -> dict:
+    return load_config(pipeline or default_pipeline(), [f"data.root={json.dumps(str(workdir / 'data'))}", *overrides])
+
+
+def prepare_teacher_and_cache(workdir: Path, cfg: dict, device: str) -> tuple[dict, Path, Path]:
+    """Stages 1-3: toy data, teacher, teacher cache. Returns (teacher summary, checkpoint, store)."""
     from .cache.inspect import store_info
     from .data.toy import make_toy_dataset
-    from .distill import train_student
     from .dump import dump_teacher
-    from .evaluate import format_metrics_table
-    from .report import markdown_table, plot_losses, plot_map
     from .train import train_detector
 
-    workdir = Path(workdir)
-    if fresh and workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    cfg = load_config(default_pipeline(), [f"data.root={json.dumps(str(workdir / 'data'))}", *overrides])
-
-    def stage(name: str, title: str, fn) -> dict:
-        s = Stage(workdir, name)
-        if s.done:
-            print(f"== {title}: done already ({s.dir})")
-            return s.summary()
-        print(f"== {title}")
-        t = time.perf_counter()
-        summary = fn(s.dir)
-        summary["stage_seconds"] = time.perf_counter() - t
-        return s.finish(summary)
-
-    def resumable(run_dir: Path) -> bool:
-        return (run_dir / "train_state.pt").exists()
-
-    stage("data", "stage 1/5: toy dataset", lambda d: make_toy_dataset(workdir / "data", seed=0))
-    teacher = stage("teacher", "stage 2/5: train the teacher",
-                    lambda d: train_detector(cfg, d, role="teacher", device=device, resume=resumable(d)))
+    run_stage(workdir, "data", "stage 1/5: toy dataset", lambda d: make_toy_dataset(workdir / "data", seed=0))
+    teacher = run_stage(workdir, "teacher", "stage 2/5: train the teacher",
+                        lambda d: train_detector(cfg, d, role="teacher", device=device, resume=has_state(d)))
     teacher_ckpt = workdir / "teacher" / "final.pt"
     cache_path = workdir / "cache.zarr"
 
@@ -87,14 +85,28 @@ def run_demo(workdir: str | Path, *, overrides=(), device: str = "auto", fresh: 
         summary = dump_teacher(cfg, teacher_ckpt, cache_path, device=device)
         summary["store"] = {k: v for k, v in store_info(cache_path).items() if not isinstance(v, (dict, list))}
         return summary
-    stage("cache", "stage 3/5: dump the teacher cache (labeled + unlabeled, views orig + hflip)", dump)
+    run_stage(workdir, "cache", "stage 3/5: dump the teacher cache (labeled + unlabeled, views orig + hflip)", dump)
+    return teacher, teacher_ckpt, cache_path
 
-    alone_cfg = load_config(default_pipeline(), [f"data.root={json.dumps(str(workdir / 'data'))}", *overrides,
-                                                  'distill.method="none"'])
-    alone = stage("student_alone", "stage 4/5: train the student alone (no distillation)",
-                  lambda d: train_student(alone_cfg, None, d, device=device, resume=resumable(d)))
-    sad = stage("student_sad", "stage 5/5: train the student with SAD from the cache",
-                lambda d: train_student(cfg, cache_path, d, device=device, resume=resumable(d)))
+
+def run_demo(workdir: str | Path, *, overrides=(), device: str = "auto", fresh: bool = False) -> dict:
+    """data -> teacher -> teacher cache -> student alone and student with SAD -> table, report.md, plots."""
+    from .distill import train_student
+    from .evaluate import format_metrics_table
+    from .report import markdown_table, plot_losses, plot_map
+
+    workdir = Path(workdir)
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cfg = toy_config(workdir, overrides)
+    teacher, _, cache_path = prepare_teacher_and_cache(workdir, cfg, device)
+    alone_cfg = toy_config(workdir, [*overrides, 'distill.method="none"'])
+    alone = run_stage(workdir, "student_alone", "stage 4/5: train the student alone (no distillation)",
+                      lambda d: train_student(alone_cfg, None, d, device=device, resume=has_state(d)))
+    sad = run_stage(workdir, "student_sad", "stage 5/5: train the student with SAD from the cache",
+                    lambda d: train_student(cfg, cache_path, d, device=device, resume=has_state(d)))
 
     rows = {f"teacher ({teacher['arch']})": teacher, f"student alone ({alone['arch']})": alone,
             f"student + SAD ({sad['arch']})": sad}
