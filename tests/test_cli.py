@@ -1,0 +1,164 @@
+"""The command line (click's CliRunner on sadpipe.cli.main): help, train-teacher, evaluate, user errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+import pytest
+from click.testing import CliRunner
+from conftest import REPO, tiny_overrides
+
+from sadpipe.cli import main
+from sadpipe.evaluate import METRIC_NAMES
+
+TOY = str(REPO / "pipelines" / "toy.toml")
+
+
+def _leaf_commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _leaf_commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
+def _sets(root, *extra) -> list[str]:
+    args = []
+    for assignment in tiny_overrides(root) + list(extra):
+        args += ["--set", assignment]
+    return args
+
+
+def _run(args):
+    # result.stdout: tables and summaries; result.stderr: the one-line errors (and progress bars)
+    return CliRunner().invoke(main, args, catch_exceptions=True)
+
+
+def _error_lines(result) -> list[str]:
+    return [ln for ln in result.stderr.splitlines() if ln.strip()]
+
+
+def _table_row(output: str, name: str) -> dict:
+    """Parse format_metrics_table's text: header 'name AP AP50 ...', values in percent or '-'."""
+    lines = output.splitlines()
+    header_at = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["name", "AP"])
+    header = lines[header_at].split()[1:]
+    row = next(ln for ln in lines[header_at + 2:] if ln.startswith(name))
+    cells = row[len(name):].split()
+    return {k: (math.nan if v == "-" else float(v)) for k, v in zip(header, cells)}
+
+
+COMMANDS = sorted(_leaf_commands(main))
+
+
+def test_every_command_is_listed():
+    # guards the parametrisation below: a command added without help examples must show up here
+    assert {("make-toy-data",), ("train-teacher",), ("evaluate",), ("demo",), ("cache", "info")} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=["-".join(p) for p in COMMANDS])
+def test_help_of_every_command_shows_an_example(path):
+    result = _run([*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    # the example is a real invocation of this very command
+    assert f"sadpipe {' '.join(path)}" in result.output
+
+
+def test_top_level_help_shows_the_quick_start():
+    result = _run(["--help"])
+    assert result.exit_code == 0
+    assert "sadpipe demo" in result.output and "sadpipe train-teacher" in result.output
+
+
+def test_train_teacher_then_evaluate(toy_root, tmp_path):
+    out = tmp_path / "teacher"
+    result = _run(["train-teacher", "--config", TOY, *_sets(toy_root), "--max-steps", "2", "--device", "cpu",
+                   "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "final.pt").is_file() and (out / "config.resolved.toml").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2       # --max-steps 2 beat train.max_steps=6
+    assert "2 steps in" in result.stdout and str(out / "final.pt") in result.stdout
+    # the printed table shows the metrics of eval.json, in percent with one decimal
+    saved = json.loads((out / "eval.json").read_text())["metrics"]
+    printed = _table_row(result.stdout, "teacher (tiny)")
+    assert set(METRIC_NAMES) <= set(printed)
+    for name in METRIC_NAMES:
+        if math.isnan(saved[name]):
+            assert math.isnan(printed[name])
+        else:
+            assert printed[name] == pytest.approx(100 * saved[name], abs=0.051)
+
+    # evaluate the checkpoint alone: the same model on the same val split gives the same metrics
+    result = _run(["evaluate", "--config", TOY, *_sets(toy_root), "--device", "cpu", "--checkpoint", str(out / "final.pt")])
+    assert result.exit_code == 0, result.output
+    written = out / "final_eval.json"
+    assert f"wrote {written}" in result.stdout
+    evaluated = json.loads(written.read_text())["metrics"]
+    for name in METRIC_NAMES:
+        assert (math.isnan(evaluated[name]) and math.isnan(saved[name])) or evaluated[name] == pytest.approx(saved[name], abs=1e-6)
+    assert _table_row(result.stdout, "final.pt")["AP"] == pytest.approx(100 * saved["AP"], abs=0.051)
+
+
+@pytest.mark.xfail(strict=True, reason="cli.py bug: _config_options calls load_config outside _friendly_errors, so a "
+                   "ConfigError escapes with a traceback and exit 1; fix: wrap the load_config call (or apply "
+                   "_friendly_errors outermost) - then delete this marker")
+def test_bad_set_key_is_a_one_line_error(toy_root, tmp_path):
+    result = _run(["train-teacher", "--config", TOY, *_sets(toy_root, "teacher.train.lrr=0.1"), "--device", "cpu",
+                   "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    lines = _error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error:") and "teacher.train.lrr" in lines[0], result.output
+    assert result.stdout == ""
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_annotations_file_is_a_one_line_error(toy_root, tmp_path):
+    missing = tmp_path / "nowhere" / "instances_val.json"
+    result = _run(["evaluate", "--config", TOY, *_sets(toy_root, f"data.val_annotations={json.dumps(str(missing))}"),
+                   "--device", "cpu", "--checkpoint", str(_tiny_checkpoint(tmp_path))])
+    assert result.exit_code == 2, result.output
+    lines = _error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(missing) in lines[0], result.output
+
+
+def test_missing_checkpoint_is_a_one_line_error(toy_root, tmp_path):
+    result = _run(["evaluate", "--config", TOY, *_sets(toy_root), "--device", "cpu",
+                   "--checkpoint", str(tmp_path / "absent.pt")])
+    assert result.exit_code == 2, result.output
+    assert _error_lines(result) == [f"error: checkpoint not found: {tmp_path / 'absent.pt'}"]
+
+
+def test_resume_without_state_is_a_one_line_error(toy_root, tmp_path):
+    result = _run(["train-teacher", "--config", TOY, *_sets(toy_root), "--device", "cpu", "--resume",
+                   "--out", str(tmp_path / "fresh")])
+    assert result.exit_code == 2, result.output
+    lines = _error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error: --resume: no") and "train_state.pt" in lines[0]
+
+
+def _tiny_checkpoint(tmp_path):
+    from sadpipe.geometry import AnchorLayout
+    from sadpipe.models import build_detector, default_spec, save_checkpoint
+    from sadpipe.transforms import Preprocess
+    spec = default_spec("tiny", 6, AnchorLayout(sizes=(16, 32, 64, 128, 256)), Preprocess(128, 128),
+                        fpn_channels=16, tiny_widths=[8, 16, 32, 64])
+    return save_checkpoint(tmp_path / "tiny.pt", build_detector(spec))
+
+
+@pytest.mark.slow
+def test_make_toy_data(toy_root, tmp_path):
+    """The full default toy set (~25 s). Same seed: images identical to the library-made fixture's, by id."""
+    out = tmp_path / "toy"
+    result = _run(["make-toy-data", str(out), "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    for split, ann in (("train", "annotations.json"), ("val", "annotations.json"), ("unlabeled", "image_info.json")):
+        coco = json.loads((out / split / ann).read_text())
+        files = sorted((out / split / "images").iterdir())
+        assert len(files) == len(coco["images"]) > len(list((toy_root / split / "images").iterdir()))
+        for reference in sorted((toy_root / split / "images").iterdir())[:3]:
+            assert (out / split / "images" / reference.name).read_bytes() == reference.read_bytes()
+    assert json.loads((out / "toy_dataset.json").read_text()) == json.loads(json.dumps(summary))
