@@ -166,18 +166,15 @@ def worst_fidelity(codec, teacher: torch.Tensor, students: dict, batch: int) -> 
 def candidate_codecs(fit_logits: torch.Tensor) -> list[tuple[str, object]]:
     """(label, codec) pairs of the size / fidelity curve; fitted ones are fitted on fit_logits."""
     out = [(f"uniform_probability levels={n}", UniformProbabilityCodec(levels=n)) for n in (256, 128, 64)]
-    grid = [
-        dict(floor=0.01), dict(floor=0.015), dict(floor=0.02), dict(floor=0.025), dict(floor=0.03),
-        dict(floor=0.04), dict(floor=0.03, step=0.01), dict(floor=0.03, log_ratio=1.0),
-        dict(floor=0.03, log_ratio=0.3),
-    ]
+    out.append(("binned floor=0.03 (defaults) unfitted", BinnedProbabilityCodec()))
+    out.append(("binned floor=0.03 (defaults) fit, no context", BinnedProbabilityCodec().fit(fit_logits, floor_context=False)))
+    # defaults: floor=0.03, log_ratio=0.3, log_until=0.08, step=0.004
+    grid = [dict(floor=f) for f in (0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05)]
+    grid += [dict(step=0.01), dict(step=0.005), dict(log_ratio=0.6), dict(log_until=0.12),
+             dict(log_ratio=0.6, log_until=0.1, step=0.01), dict(floor=0.02, log_ratio=0.6, log_until=0.1, step=0.02)]
     for params in grid:
-        label = "binned " + " ".join(f"{k}={v}" for k, v in params.items())
-        codec = BinnedProbabilityCodec(**params)
-        out.append((label + " (unfitted)" if params == dict(floor=0.03) else None, codec))
-        out.append((label + " fit, no context", codec.fit(fit_logits, floor_context=False)))
-        out.append((label + " fit", codec.fit(fit_logits)))
-    out = [(label, codec) for label, codec in out if label is not None]
+        label = "binned " + " ".join(f"{k}={v}" for k, v in params.items()) + " fit"
+        out.append((label, BinnedProbabilityCodec(**params).fit(fit_logits)))
     out.append(("default_codec()", default_codec()))
     out.append(("default_codec() refit", _refit(default_codec(), fit_logits)))
     return out
@@ -264,9 +261,13 @@ def main(argv=None) -> int:
                 codecs = [c for c in codecs if c[0].startswith(("uniform_probability levels=256", "default"))]
             main_codecs = codecs
         else:
-            # the same codecs as fitted on the main teacher, plus the default refitted here
-            codecs = [(label + " [fitted on main]", c) for label, c in main_codecs if "fit" in label or "default" in label]
-            codecs += [("default_codec() refit on this teacher", _refit(default_codec(), fit_logits))]
+            # the same schemes refitted on this teacher (what a dump of it would store), and the
+            # codecs exactly as fitted on the main teacher (what happens if one forgets to refit)
+            codecs = [(label + " refit here", _refit(c, fit_logits)) for label, c in main_codecs if label.endswith(" fit")]
+            codecs += [("default_codec() refit here", _refit(default_codec(), fit_logits))]
+            codecs += [(label + " as fitted on main", c) for label, c in main_codecs
+                       if label == "binned floor=0.03 fit"]
+            codecs += [("default_codec() as shipped", default_codec())]
         for label, codec in codecs:
             size = codec_size_report(codec, eval_teacher)
             fid = worst_fidelity(codec, eval_teacher, eval_students, args.batch)

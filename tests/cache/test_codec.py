@@ -108,7 +108,7 @@ def test_decode_accepts_numpy_torch_and_noncontiguous_codes():
 
 
 def test_fit_decodes_each_bin_to_its_power_mean():
-    codec = BinnedProbabilityCodec(floor=0.02)
+    codec = BinnedProbabilityCodec(floor=0.02, log_ratio=0.6, log_until=0.1, step=0.02)
     # bin 0 holds equal numbers of q = 0.005 and q = 0.01; bin 1 [0.02, 0.032) only q = 0.025
     q = np.array([0.005] * 100 + [0.01] * 100 + [0.025] * 100)
     z = torch.from_numpy(np.log(q / (1 - q)))[None, :, None]
