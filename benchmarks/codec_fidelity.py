@@ -231,12 +231,23 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="images per fidelity batch (default 8)")
     parser.add_argument("--quick", action="store_true", help="only the baseline and default codecs")
     parser.add_argument("--json", type=Path, default=None, help="also write all results as JSON here")
+    parser.add_argument("--sharpen", type=float, default=None, metavar="FACTOR",
+                        help="also evaluate an artificially more confident copy of the first input: "
+                             "logits scaled by FACTOR around logit(0.1) (when no confident_*.pt exists)")
     parser.add_argument("--fit-default", action="store_true",
                         help="print default_codec() refitted on all images of the first input (JSON) and exit")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     inputs = synthetic_inputs() if args.synthetic or not args.inputs else load_inputs(args.inputs)
+    if args.sharpen is not None:
+        first = inputs[0]
+        # pivot between background and the weak positives: background moves down, positives up
+        pivot = -math.log(9.0)
+        inputs.append({"name": f"confident_sharpened_x{args.sharpen:g}_{first['name']}",
+                       "teacher_logits": pivot + args.sharpen * (first["teacher_logits"].float() - pivot),
+                       "students": first["students"],
+                       "note": f"{first['name']} logits scaled by {args.sharpen:g} around logit(0.1) (same students)"})
     if args.fit_default:
         print(json.dumps(_refit(default_codec(), inputs[0]["teacher_logits"].float()).to_dict()))
         return 0
