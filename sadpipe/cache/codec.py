@@ -19,7 +19,8 @@ Two codecs:
   * geometric bins from ``floor`` to ``log_until`` (each ``1 + log_ratio`` times wider than the
     previous): there the ADL weight grows fast but the bins still hold many entries, and what
     matters is the sum of q**1.8 (the adaptive normaliser) and of the ADL, i.e. relative error.
-  * uniform bins of width ``step`` above ``log_until``: few entries, large adaptive weights,
+  * uniform bins of width ``step`` from the last geometric edge (<= ``log_until``) up to 1: few
+    entries, large adaptive weights,
     gradient error ~ weight x |error in q|, so absolute precision in q.
 
   Each code decodes to the power mean ``(E[q**power | bin])**(1/power)`` of the bin, fitted on

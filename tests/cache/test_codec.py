@@ -69,7 +69,7 @@ def test_uniform_probability_decodes_within_half_a_bin():
     assert np.max(np.abs(q_dec - q)) <= 0.5 / 64 + 1e-6
 
 
-@pytest.mark.parametrize("codec", [BinnedProbabilityCodec(), UniformProbabilityCodec(levels=128)])
+@pytest.mark.parametrize("codec", [BinnedProbabilityCodec(), UniformProbabilityCodec(levels=128), default_codec()])
 def test_codes_are_monotone_in_the_logit(codec):
     z = torch.linspace(-60, 60, 20001)
     codes = codec.encode(z).numpy().astype(np.int64)
@@ -79,7 +79,7 @@ def test_codes_are_monotone_in_the_logit(codec):
     assert np.all(np.diff(decoded) >= 0)
 
 
-@pytest.mark.parametrize("codec", [BinnedProbabilityCodec(), UniformProbabilityCodec()])
+@pytest.mark.parametrize("codec", [BinnedProbabilityCodec(), UniformProbabilityCodec(), default_codec()])
 def test_extreme_logits_encode_to_end_codes_without_nan(codec):
     z = torch.tensor([[-1e4, -50.0, 50.0, 1e4, -math.inf, math.inf]])
     codes = codec.encode(z)
@@ -174,3 +174,16 @@ def test_invalid_specs_raise_clear_errors():
         BinnedProbabilityCodec(decode_q=(0.1, 0.2))
     with pytest.raises(ValueError, match="levels"):
         UniformProbabilityCodec(levels=300)
+
+
+def test_default_codec_is_fitted_and_its_context_stays_below_the_floor():
+    codec = default_codec()
+    assert not codec.needs_fit and BinnedProbabilityCodec().needs_fit
+    lo, hi = codec.bin_bounds_q()
+    q = np.asarray(codec.decode_q)
+    assert np.all((q >= lo) & (q <= hi))
+    # an image of only background (n1 = 0) and one crowded just above the floor: the predicted
+    # background value rises with n1 / n0 (slope b > 0) but never leaves bin 0 [0, floor)
+    empty = _sigmoid64(codec.floor_value(18000, 0))
+    crowded = _sigmoid64(codec.floor_value(100, 18000))
+    assert 0 < empty < crowded <= codec.floor
