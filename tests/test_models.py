@@ -54,13 +54,23 @@ def _tv_head_outputs(tv_model, x):
     return out["cls_logits"], out["bbox_regression"]
 
 
-@pytest.mark.parametrize("arch,factory", [("retinanet_resnet50_fpn", retinanet_resnet50_fpn),
-                                          ("retinanet_resnet50_fpn_v2", retinanet_resnet50_fpn_v2)])
-def test_torchvision_state_dict_gives_torchvision_head_outputs(tmp_path, arch, factory):
-    torch.manual_seed(0)
-    tv = factory(weights=None, weights_backbone=None, num_classes=91).eval()
-    path = tmp_path / "tv.pth"
-    torch.save(tv.state_dict(), path)
+@pytest.fixture(scope="module")
+def torchvision_files(tmp_path_factory) -> dict:
+    """arch -> (torchvision model in eval mode, its plain state dict file), built once per module."""
+    out = {}
+    for arch, factory in (("retinanet_resnet50_fpn", retinanet_resnet50_fpn),
+                          ("retinanet_resnet50_fpn_v2", retinanet_resnet50_fpn_v2)):
+        torch.manual_seed(0)
+        tv = factory(weights=None, weights_backbone=None, num_classes=91).eval()
+        path = tmp_path_factory.mktemp("tv") / "tv.pth"
+        torch.save(tv.state_dict(), path)
+        out[arch] = (tv, path)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"])
+def test_torchvision_state_dict_gives_torchvision_head_outputs(torchvision_files, arch):
+    tv, path = torchvision_files[arch]
     ours = load_detector(path, arch=arch, num_classes=91).eval()
     # a normalised image already at a padded size (128 = the pad divisor), as GeneralizedRCNNTransform would feed it
     x = _image(2)
@@ -75,16 +85,13 @@ def test_torchvision_state_dict_gives_torchvision_head_outputs(tmp_path, arch, f
     assert ours.preprocess.max_size == 1333
 
 
-def test_coco91_to_80_keeps_the_category_channels(tmp_path):
+def test_coco91_to_80_keeps_the_category_channels(torchvision_files):
     # the used COCO ids, independently: the non-"N/A" entries of torchvision's 91-slot category list
     names = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
     used_ids = [i for i, n in enumerate(names) if i > 0 and n != "N/A"]
     assert len(used_ids) == 80 and list(COCO80_CATEGORY_IDS) == used_ids
 
-    torch.manual_seed(0)
-    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
-    path = tmp_path / "tv.pth"
-    torch.save(tv.state_dict(), path)
+    path = torchvision_files["retinanet_resnet50_fpn"][1]
     m91 = load_detector(path, arch="retinanet_resnet50_fpn", num_classes=91).eval()
     m80 = load_detector(path, arch="retinanet_resnet50_fpn", num_classes=91, coco91_to_80=True).eval()
     assert m80.num_classes == 80 and m80.spec["category_ids"] == used_ids
@@ -127,7 +134,7 @@ def test_backbone_weights_errors(tmp_path):
         build_detector(spec, wrong)
 
 
-def test_load_detector_errors(tmp_path):
+def test_load_detector_errors(tmp_path, torchvision_files):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_detector(tmp_path / "missing.pt")
     garbage = tmp_path / "garbage.pt"
@@ -139,9 +146,7 @@ def test_load_detector_errors(tmp_path):
     with pytest.raises(CheckpointError, match="plain state dict: pass arch"):
         load_detector(plain)
     # a torchvision v1 file with the wrong class count or read as v2: shape mismatch, named
-    torch.manual_seed(0)
-    tv = tmp_path / "tv.pth"
-    torch.save(retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict(), tv)
+    tv = torchvision_files["retinanet_resnet50_fpn"][1]
     with pytest.raises(CheckpointError, match=r"tv\.pth.*retinanet_resnet50_fpn with 80 classes.*cls_logits"):
         load_detector(tv, arch="retinanet_resnet50_fpn", num_classes=80)
     with pytest.raises(CheckpointError, match=r"tv\.pth.*retinanet_resnet50_fpn_v2 with 91 classes.*p6"):
