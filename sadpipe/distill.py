@@ -200,8 +200,6 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
     dev = select_device(device)
     info = init_distributed(dev)
     seed_everything(tcfg["seed"])
-    if info.is_main:
-        save_resolved(cfg, out_dir)
 
     # -- the student, and the cache it must fit
     train_src = labeled_source(cfg, "train")
@@ -225,8 +223,13 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
         print("note: the cache has no hflip view; flipped images train without distillation")
     pseudo = dcfg["pseudo_score_thresh"] if (method == "data_distillation" or dcfg["pseudo_labels"]) else None
     labeled_ids = _stream_ids([r.image_id for r in train_src.images], cache, "labeled")
-    labeled = WithTeacher(DetectionDataset(train_src, student.preprocess, image_ids=labeled_ids, hflip=flip,
-                                           seed=tcfg["seed"]), cache, pseudo)
+
+    def labeled_dataset() -> WithTeacher:
+        # one instance per stream: a stream's set_epoch (flip decisions) must not reach the other stream
+        return WithTeacher(DetectionDataset(train_src, student.preprocess, image_ids=labeled_ids, hflip=flip,
+                                            seed=tcfg["seed"]), cache, pseudo)
+
+    labeled = labeled_dataset()
     loader_kw = dict(collate_fn=collate, num_workers=tcfg["num_workers"], worker_init_fn=seed_worker,
                      pin_memory=dev.type == "cuda")
     streams = [Stream(labeled, batch_size=tcfg["batch_size"], seed=tcfg["seed"], rank=info.rank,
@@ -240,7 +243,7 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
         unl_flip = flip and (cache is None or "hflip" in cache.views)
         unlabeled = WithTeacher(DetectionDataset(unl_src, student.preprocess, image_ids=unl_ids, hflip=unl_flip,
                                                  seed=tcfg["seed"]), cache, pseudo)
-        streams.append(Stream(ConcatWithEpoch([labeled, unlabeled]), batch_size=tcfg["batch_size"],
+        streams.append(Stream(ConcatWithEpoch([labeled_dataset(), unlabeled]), batch_size=tcfg["batch_size"],
                               seed=tcfg["seed"] + 1, rank=info.rank, world=info.world_size, loader_kw=loader_kw))
     elif mix != "labeled_only":
         raise TrainingError(f"distill.unlabeled_mix must be alternate or labeled_only, got {mix!r}")
@@ -267,6 +270,8 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
     elif state_path.exists() and info.is_main:
         raise TrainingError(f"{out_dir} already holds a run (train_state.pt); pass --resume to continue it, "
                             "or choose another --out")
+    if info.is_main:  # only now: a refused start must not overwrite the existing run's config
+        save_resolved(cfg, out_dir)
     barrier(info)
     net = DistributedDataParallel(student) if info.enabled else student
     anchors = AnchorCache(student.layout, dev)
@@ -305,6 +310,7 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
         scaler.unscale_(optimizer)
         if tcfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(student.parameters(), tcfg["grad_clip"])
+        lr_used = optimizer.param_groups[0]["lr"]  # get_last_lr() after step() is the *next* step's lr
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -312,7 +318,7 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
         speed.add(images_per_step)
         bar.update(images_per_step)
         bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
-        log.write({"step": step, "lr": scheduler.get_last_lr()[0], "stream": (step - 1) % len(streams), **terms,
+        log.write({"step": step, "lr": lr_used, "stream": (step - 1) % len(streams), **terms,
                    "images_per_s": speed.images_per_s})
         if tcfg["checkpoint_every_steps"] and step % tcfg["checkpoint_every_steps"] == 0:
             checkpoint(None)
