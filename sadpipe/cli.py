@@ -24,7 +24,12 @@ def _config_options(fn):
     def wrapper(*args, config_path, overrides, **kwargs):
         from .config import load_config
         from .demo import default_pipeline
-        cfg = load_config(config_path or default_pipeline(), overrides)
+        from .errors import USER_ERRORS
+        try:
+            cfg = load_config(config_path or default_pipeline(), overrides)
+        except USER_ERRORS as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
         return fn(*args, cfg=cfg, **kwargs)
     return wrapper
 

@@ -102,9 +102,6 @@ def test_train_teacher_then_evaluate(toy_root, tmp_path):
     assert _table_row(result.stdout, "final.pt")["AP"] == pytest.approx(100 * saved["AP"], abs=0.051)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py bug: _config_options calls load_config outside _friendly_errors, so a "
-                   "ConfigError escapes with a traceback and exit 1; fix: wrap the load_config call (or apply "
-                   "_friendly_errors outermost) - then delete this marker")
 def test_bad_set_key_is_a_one_line_error(toy_root, tmp_path):
     result = _run(["train-teacher", "--config", TOY, *_sets(toy_root, "teacher.train.lrr=0.1"), "--device", "cpu",
                    "--out", str(tmp_path / "run")])
