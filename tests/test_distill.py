@@ -424,7 +424,6 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.slow
 def test_two_process_ddp_run_keeps_the_ranks_identical(world, tmp_path):
     out = tmp_path / "ddp"
     driver = tmp_path / "driver.py"
