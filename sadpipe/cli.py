@@ -263,6 +263,38 @@ def cache_fidelity_cmd(store, teacher, images, student, config_path, device):
     click.echo(format_fidelity(result))
 
 
+@main.command("import-checkpoint")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(["retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "tiny", "resnet18",
+                                          "resnet34", "resnet50", "resnet101"]), required=True)
+@click.option("--num-classes", type=int, required=True, help="Output channels of the state dict's head (91 for COCO).")
+@click.option("--coco91-to-80", is_flag=True, help="Keep the 80 used COCO categories of a 91-channel head.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Take anchor layout and preprocessing from this pipeline (default: torchvision's 800/1333, 32-512).")
+@_friendly_errors
+def import_checkpoint_cmd(src, dst, arch, num_classes, coco91_to_80, config_path):
+    """Turn a plain torchvision RetinaNet state dict into a self-describing sadpipe checkpoint.
+
+    The result works everywhere a checkpoint is taken (--teacher, evaluate, load_detector).
+
+    \b
+    Example:
+      sadpipe import-checkpoint retinanet_resnet50_fpn_coco.pth r50_tv.pt --arch retinanet_resnet50_fpn \\
+          --num-classes 91 --coco91-to-80 --config pipelines/coco_sad_r50.toml
+    """
+    from .config import load_config
+    from .models import load_detector, save_checkpoint
+    from .transforms import geometry_from_config
+    layout = preprocess = None
+    if config_path:
+        layout, preprocess = geometry_from_config(load_config(config_path))
+    model = load_detector(src, arch=arch, num_classes=num_classes, layout=layout, preprocess=preprocess,
+                          coco91_to_80=coco91_to_80)
+    save_checkpoint(dst, model, {"imported_from": str(src)})
+    click.echo(f"wrote {dst}: {arch}, {model.num_classes} classes")
+
+
 @main.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Every stage writes here; a rerun skips finished stages.")

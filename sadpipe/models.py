@@ -217,7 +217,10 @@ def load_detector(path: str | Path, arch: str | None = None, num_classes: int | 
     preprocess = preprocess or Preprocess(min_size=800, max_size=1333)
     if coco91_to_80:
         state = _map_coco91_to_80(state, layout.anchors_per_cell)
-        names_ids = {"category_ids": COCO80_CATEGORY_IDS}
+        # torchvision's weight metadata lists the 91 channel names (no download involved)
+        from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+        names91 = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+        names_ids = {"category_ids": COCO80_CATEGORY_IDS, "class_names": [names91[c] for c in COCO80_CATEGORY_IDS]}
         num_classes = 80
     else:
         names_ids = {}

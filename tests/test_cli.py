@@ -161,3 +161,29 @@ def test_make_toy_data(toy_root, tmp_path):
     # stdout is the summary file's content plus where it went
     assert summary.pop("out_dir") == str(out)
     assert json.loads((out / "toy_dataset.json").read_text()) == summary
+
+
+def test_import_checkpoint_makes_a_self_describing_torchvision_teacher(tmp_path):
+    """A plain torchvision state dict becomes a sadpipe checkpoint with the COCO-80 classes and the pipeline's geometry."""
+    import torch
+    import torchvision
+
+    from sadpipe.models import load_detector
+
+    tv = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    src = tmp_path / "tv.pth"
+    torch.save(tv.state_dict(), src)
+    dst = tmp_path / "teacher.pt"
+    result = _run(["import-checkpoint", str(src), str(dst), "--arch", "retinanet_resnet50_fpn", "--num-classes", "91",
+                   "--coco91-to-80", "--config", str(REPO / "pipelines" / "coco_sad_r50.toml")])
+    assert result.exit_code == 0, result.output
+    model = load_detector(dst)  # the file alone is enough now
+    assert model.num_classes == 80
+    # category id 1 is "person" and 90 "toothbrush" in COCO; 12 is an N/A slot and must be gone
+    assert model.spec["class_names"][0] == "person" and model.spec["class_names"][-1] == "toothbrush"
+    assert 12 not in model.spec["category_ids"]
+    assert model.preprocess.min_size == 600 and model.preprocess.max_size == 1000
+    # the kept channels are the 91-model's channels of those category ids (anchor 0: channel = category id)
+    w91 = tv.state_dict()["head.classification_head.cls_logits.weight"]
+    w80 = model.state_dict()["head.classification_head.cls_logits.weight"]
+    assert torch.equal(w80[0], w91[1]) and torch.equal(w80[79], w91[90])
