@@ -6,8 +6,9 @@ of the teacher's logits (unless the store being resumed already holds it) -> the
 encoding with the codec read back from the store so every rank uses the same -> DataLoader
 workers read and preprocess a whole shard's images (both views) -> the teacher runs under
 no_grad (AMP on CUDA), images grouped by padded size so each image's logits are those of the
-image padded alone -> the codec quantises on the device -> a background thread writes the
-shard while the next one is computed -> rank 0 finalises once every rank is done.
+image padded alone -> on CPU a background thread encodes, postprocesses and writes while the
+next batch is computed (on CUDA the device encodes and postprocesses at once and only the
+write goes to the thread) -> rank 0 finalises once every rank is done.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +34,7 @@ from .data.dataset import labeled_source, unlabeled_source
 from .data.images import ImageReadError, read_image
 from .labeling import postprocess
 from .models import Detector, file_sha256, load_detector
-from .predict import autocast
+from .predict import AnchorCache, autocast
 from .training import DistInfo, barrier, init_distributed, progress_bar, select_device
 from .transforms import Preprocess, geometry_from_config, hflip
 
@@ -44,6 +47,9 @@ CODEC_FIT_VALUES_PER_IMAGE = 1 << 18
 # metadata so a resume may change them. Sections a teacher cache does not depend on are too.
 RUN_ONLY_DUMP_KEYS = ("num_workers", "batch_size")
 STORED_CONFIG_SECTIONS = ("name", "data", "geometry", "detect", "dump", "teacher")
+# On CPU, encode + postprocess on the background thread (overlapping the next forward) or in
+# the main thread; a module switch for benchmarks/dump_throughput.py.
+POSTPROCESS_ON_THREAD_ON_CPU = True
 
 
 class DumpError(ValueError):
@@ -118,16 +124,14 @@ def _shard_batches(writer: StoreWriter, shards: list[int]):
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: Detector, items: list[dict], view: str, codec, device: torch.device, *,
-                    batch_size: int, detect_cfg: dict, with_box_regression: bool, amp: bool) -> dict[int, ViewResult]:
-    """Run the teacher on one view of ok items, grouped by padded size; returns index -> ViewResult."""
-    out: dict[int, ViewResult] = {}
+def forward_batches(teacher: Detector, items: list[dict], view: str, device: torch.device, *, batch_size: int,
+                    amp: bool):
+    """Yield (chunk of items, padded (h, w), cls_logits float32 [B, A, K], bbox float32 [B, A, 4]) for one
+    view of ok items, grouped by padded size so every image's outputs are those of the image padded alone."""
     groups: dict[tuple[int, int], list[dict]] = {}
     for item in items:
         groups.setdefault(item["padded"], []).append(item)
     for padded, group in groups.items():
-        anchors = teacher.layout.anchors(padded).to(device)
-        level_sizes = teacher.layout.anchors_per_level(padded)
         for start in range(0, len(group), batch_size):
             chunk = group[start:start + batch_size]
             batch = torch.zeros((len(chunk), 3, *padded))
@@ -137,32 +141,55 @@ def teacher_outputs(teacher: Detector, items: list[dict], view: str, codec, devi
             batch = batch.to(device, non_blocking=device.type == "cuda")
             with autocast(device, amp):
                 cls_logits, bbox = teacher(batch)
-            cls_logits, bbox = cls_logits.float(), bbox.float()
-            codes = codec.encode(cls_logits).cpu().numpy()  # quantised on the device, uint8 crosses to the host
-            boxes16 = bbox.half().cpu().numpy() if with_box_regression else None
-            dets = postprocess(cls_logits, bbox, anchors, [it["size"] for it in chunk], level_sizes,
-                               score_thresh=detect_cfg["score_thresh"], nms_thresh=detect_cfg["nms_thresh"],
-                               detections_per_img=detect_cfg["detections_per_img"],
-                               topk_candidates=detect_cfg["topk_candidates"])
-            for i, item in enumerate(chunk):
-                out[item["index"]] = ViewResult(
-                    cls_codes=codes[i], box_regression=None if boxes16 is None else boxes16[i],
-                    det_boxes=dets[i]["boxes"].cpu().numpy().astype(np.float32),
-                    det_scores=dets[i]["scores"].cpu().numpy().astype(np.float32),
-                    det_labels=dets[i]["labels"].cpu().numpy())
-    return out
+            yield chunk, padded, cls_logits.float(), bbox.float()
 
 
-class BackgroundWriter:
-    """Writes shards on a thread so teacher compute overlaps encoding and I/O.
+@torch.no_grad()
+def finish_batch(chunk: list[dict], padded: tuple[int, int], cls_logits: torch.Tensor, bbox: torch.Tensor, *,
+                 codec, anchors: Callable[[tuple[int, int]], torch.Tensor], layout, detect_cfg: dict,
+                 with_box_regression: bool) -> dict[int, ViewResult]:
+    """Encode (on the logits' device: only uint8 crosses to the host) and postprocess one batch;
+    returns plan position -> ViewResult."""
+    codes = codec.encode(cls_logits).cpu().numpy()
+    boxes16 = bbox.half().cpu().numpy() if with_box_regression else None
+    dets = postprocess(cls_logits, bbox, anchors(padded), [it["size"] for it in chunk], layout.anchors_per_level(padded),
+                       score_thresh=detect_cfg["score_thresh"], nms_thresh=detect_cfg["nms_thresh"],
+                       detections_per_img=detect_cfg["detections_per_img"],
+                       topk_candidates=detect_cfg["topk_candidates"])
+    return {item["index"]: ViewResult(
+        cls_codes=codes[i], box_regression=None if boxes16 is None else boxes16[i],
+        det_boxes=dets[i]["boxes"].cpu().numpy().astype(np.float32),
+        det_scores=dets[i]["scores"].cpu().numpy().astype(np.float32),
+        det_labels=dets[i]["labels"].cpu().numpy()) for i, item in enumerate(chunk)}
 
-    The queue is bounded (2 shards) so a slow disk throttles the teacher instead of memory
-    growing; an error on the thread is re-raised in the caller at the next put or at close.
+
+def shard_results(items: list[dict], per_view: dict[str, dict[int, ViewResult]], layout) -> list[ImageResult]:
+    """One ImageResult per item of a shard (failed items carry their reason)."""
+    results = []
+    for it in items:
+        if it["failure"]:
+            results.append(ImageResult.failed(it["index"], it["image_id"], it["failure"]))
+            continue
+        results.append(ImageResult(index=it["index"], image_id=it["image_id"], orig_hw=it["orig_hw"],
+                                   resized_hw=it["size"], padded_hw=it["padded"],
+                                   grid_hw=np.asarray(layout.grid_sizes(it["padded"]), dtype=np.int32),
+                                   num_anchors=layout.num_anchors(it["padded"]),
+                                   views={v: per_view[v][it["index"]] for v in per_view}))
+    return results
+
+
+class Background:
+    """Runs jobs (callables) in order on one thread, so the teacher's forward overlaps the
+    encoding, postprocessing and zarr writes (on a CPU dump, postprocessing alone cost ~11 % of
+    the forward time; the thread runs it on the second core while conv2d holds the first).
+
+    The queue is bounded so a slow disk throttles the teacher instead of memory growing; an
+    error on the thread is re-raised in the caller at the next put or at close, and later jobs
+    are skipped (the failed shard stays pending, the store resumable).
     """
 
-    def __init__(self, writer: StoreWriter):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+    def __init__(self, maxsize: int = 3):
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -174,14 +201,14 @@ class BackgroundWriter:
                 return
             if self.error is None:
                 try:
-                    self.writer.write_shard(*job)
+                    job()
                 except BaseException as e:  # handed to the main thread
                     self.error = e
 
-    def put(self, shard: int, results: list[ImageResult]) -> None:
+    def put(self, job: Callable[[], None]) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((shard, results))
+        self.queue.put(job)
 
     def close(self) -> None:
         self.queue.put(None)
@@ -248,7 +275,7 @@ def fit_codec(codec, teacher: Detector, plan: list[PlanEntry], preprocess, devic
     """``codec.fit`` on the teacher's orig-view logits of up to ``images`` plan images spread
     evenly over the plan (unreadable ones skipped), each image padded alone; at most
     ``values_per_image`` values per image (a fixed random subset of its anchors)."""
-    if not getattr(codec, "needs_fit", False):
+    if not hasattr(codec, "fit"):
         return codec
     positions = np.unique(np.linspace(0, len(plan) - 1, num=min(images, len(plan))).round().astype(int))
     generator = torch.Generator().manual_seed(0)
@@ -302,10 +329,13 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
     fit_seconds = 0.0
     if info.is_main:
         codec = codec_from_dict(d["codec"]) if d["codec"] else default_codec()
+        # default_codec() ships decode values fitted on another (the toy) teacher: refit them on
+        # this one; a configured codec with its own decode_q is used as given.
+        refit = not d["codec"] or d["codec"].get("decode_q") is None
         stored = _stored_codec(out, overwrite)
         if stored is not None and _unfitted(stored) == _unfitted(codec):
             codec = stored  # resume: the fit is part of the store's identity; refitting could differ in the last bit
-        else:
+        elif refit:
             t_fit = time.perf_counter()
             codec = fit_codec(codec, teacher, plan, preprocess, dev, log=log)
             fit_seconds = time.perf_counter() - t_fit
@@ -325,7 +355,13 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
                         num_workers=d["num_workers"], pin_memory=False)
     todo = sum(len(writer.shard_indices(k)) for k in shards)
     bar = progress_bar(todo, 0, f"dump rank {info.rank}", enabled=True)
-    background = BackgroundWriter(writer)
+    background = Background()
+    # CPU: encode/postprocess on the background thread; CUDA: right away (the logits are big on
+    # the device and the GPU does it fast), only the zarr write goes to the thread.
+    overlap = dev.type == "cpu" and POSTPROCESS_ON_THREAD_ON_CPU
+    anchor_cache = AnchorCache(layout, dev)
+    finish = partial(finish_batch, codec=codec, anchors=anchor_cache, layout=layout, detect_cfg=cfg["detect"],
+                     with_box_regression=with_box_regression)
     failed, t0 = 0, time.perf_counter()
     try:
         for shard, items in zip(shards, loader):
@@ -334,21 +370,17 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
                 bad = next(it for it in items if it["failure"])
                 raise ImageReadError(bad["path"], f"{bad['failure']} (image id {bad['image_id']})",
                                      "Fix or remove the file, or run without --strict to record it as failed.")
-            per_view = {v: teacher_outputs(teacher, ok_items, v, codec, dev, batch_size=d["batch_size"],
-                                           detect_cfg=cfg["detect"], with_box_regression=with_box_regression,
-                                           amp=True) for v in views}
-            results = []
-            for it in items:
-                if it["failure"]:
-                    failed += 1
-                    results.append(ImageResult.failed(it["index"], it["image_id"], it["failure"]))
-                    continue
-                grid = np.asarray(layout.grid_sizes(it["padded"]), dtype=np.int32)
-                results.append(ImageResult(index=it["index"], image_id=it["image_id"], orig_hw=it["orig_hw"],
-                                           resized_hw=it["size"], padded_hw=it["padded"], grid_hw=grid,
-                                           num_anchors=layout.num_anchors(it["padded"]),
-                                           views={v: per_view[v][it["index"]] for v in views}))
-            background.put(shard, results)
+            failed += len(items) - len(ok_items)
+            per_view: dict[str, dict[int, ViewResult]] = {v: {} for v in views}
+            for v in views:
+                for chunk, padded, cls_logits, bbox in forward_batches(teacher, ok_items, v, dev,
+                                                                       batch_size=d["batch_size"], amp=True):
+                    if overlap:
+                        background.put(lambda out=per_view[v], a=(chunk, padded, cls_logits, bbox): out.update(finish(*a)))
+                    else:
+                        per_view[v].update(finish(chunk, padded, cls_logits, bbox))
+            background.put(lambda shard=shard, items=items, per_view=per_view:
+                           writer.write_shard(shard, shard_results(items, per_view, layout)))
             bar.update(len(items))
     finally:
         try:

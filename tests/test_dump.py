@@ -314,3 +314,30 @@ def test_two_processes_write_the_same_store_as_one(world, tmp_path):
     assert "rank 0:" in run.stdout and "rank 1:" in run.stdout
     assert verify_store(store).ok
     assert_same_records(store, world["store"])
+
+
+def test_default_codec_is_refitted_on_this_teacher_and_a_given_fit_is_kept(world, tmp_path):
+    from sadpipe.cache.codec import default_codec
+
+    stored = TeacherCache(world["store"]).codec
+    shipped = default_codec()
+    # same bins, decode values fitted on this teacher: each decoded q stays inside its bin,
+    # and the values differ from the ones shipped for the toy teacher
+    assert (stored.floor, stored.step, stored.log_ratio, stored.log_until) == \
+        (shipped.floor, shipped.step, shipped.log_ratio, shipped.log_until)
+    assert stored.decode_q != shipped.decode_q
+    lo, hi = stored.bin_bounds_q()
+    q = np.asarray(stored.decode_q)
+    assert ((q >= lo) & (q <= hi)).all()
+    # the background bin's decoded value is the power mean of this teacher's q below the floor
+    teacher = load_detector(world["teacher"]).eval()
+    cls = direct(teacher, world["cfg"], str(world["base"] / "data/train/images/001.jpg"), flip=False)[0]
+    below = torch.sigmoid(cls.double())[torch.sigmoid(cls.double()) < stored.floor]
+    assert abs(stored.decode_q[0] - float((below ** 1.8).mean() ** (1 / 1.8))) < 0.2 * stored.decode_q[0]
+
+    given = shipped.to_dict()
+    cfg = load_config(REPO / "pipelines" / "toy.toml", overrides(world["base"] / "data"))
+    cfg["dump"]["codec"] = given
+    summary = dump_teacher(cfg, world["teacher"], tmp_path / "given.zarr", device="cpu", limit=4, log=lambda *a: None)
+    assert summary["fit_seconds"] == 0.0
+    assert TeacherCache(tmp_path / "given.zarr").codec == codec_from_dict(given)
