@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .config import save_resolved
+from .config import load_config, save_resolved
 from .models import Detector, count_parameters, save_checkpoint
 from .predict import AnchorCache, autocast
 from .training import (DistInfo, MetricsLog, ResumableSampler, Throughput, TrainingError, barrier, build_optimizer,
@@ -69,6 +69,33 @@ class RunSpec:
     extra: dict = field(default_factory=dict)  # stored in checkpoints and the summary
 
 
+# keys a resumed run may change: how long, how often to save/evaluate, worker counts, where the data lives
+RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.num_workers", "train.checkpoint_every_steps",
+                     "train.eval_every_epochs", "data.root", "dump.num_workers")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_resume_config(out_dir: Path, cfg: dict) -> None:
+    """TrainingError if the run in out_dir was started with a config that differs in what it trains."""
+    saved_path = out_dir / "config.resolved.toml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(load_config(saved_path))
+    now = _flatten(cfg)
+    diffs = [f"{k}: {saved.get(k)!r} (run) vs {now.get(k)!r} (now)" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k) and not k.endswith(RESUME_MAY_CHANGE)]
+    if diffs:
+        raise TrainingError(f"--resume: {out_dir} was started with another config:\n  " + "\n  ".join(diffs[:20])
+                            + "\nresume with the same settings, or start a new run in another --out")
+
+
 def fit(model: Detector, run: RunSpec, dev: torch.device, info: DistInfo, *, resume: bool) -> dict:
     """Train ``model`` as ``run`` says; returns a summary (steps, seconds, images/s, metrics)."""
     out_dir, tcfg = run.out_dir, run.train_cfg
@@ -87,6 +114,7 @@ def fit(model: Detector, run: RunSpec, dev: torch.device, info: DistInfo, *, res
         state = load_train_state(state_path)
         if state is None:
             raise TrainingError(f"--resume: no {state_path} to resume from; run without --resume to start")
+        check_resume_config(out_dir, run.cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -174,3 +174,15 @@ def test_final_evaluation_writes_eval_json(toy_root, tmp_path):
     model = load_detector(out / "final.pt")
     assert model.spec["arch"] == "tiny" and model.num_classes == 6
     assert torch.load(out / "final.pt", weights_only=True)["extra"] == {"step": 2, "role": "teacher"}
+
+
+def test_resume_with_a_changed_config_is_refused(toy_root, tmp_path):
+    """Resuming must not silently continue with other training settings; the run length may change."""
+    from sadpipe.train import train_detector
+    overrides = tiny_overrides(toy_root) + ["teacher.train.max_steps=2"]
+    train_detector(load_config(REPO / "pipelines" / "toy.toml", overrides), tmp_path, device="cpu", evaluate=False)
+    changed = load_config(REPO / "pipelines" / "toy.toml", overrides + ["teacher.train.lr=0.5"])
+    with pytest.raises(TrainingError, match=r"teacher\.train\.lr: 0\.001 \(run\) vs 0\.5 \(now\)"):
+        train_detector(changed, tmp_path, device="cpu", resume=True, evaluate=False)
+    longer = load_config(REPO / "pipelines" / "toy.toml", overrides + ["teacher.train.max_steps=3"])
+    assert train_detector(longer, tmp_path, device="cpu", resume=True, evaluate=False)["steps"] == 3
