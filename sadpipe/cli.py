@@ -140,8 +140,9 @@ def evaluate_cmd(cfg, checkpoint, out, device):
 @click.option("--with-box-regression", is_flag=True, default=None, help="Also store per-anchor box regression (float16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording it as failed.")
+@click.option("--limit", type=int, default=None, help="Dump only the first N images of the plan (smoke runs).")
 @_friendly_errors
-def dump_teacher_cmd(cfg, teacher, out, views, with_box_regression, overwrite, strict, device):
+def dump_teacher_cmd(cfg, teacher, out, views, with_box_regression, overwrite, strict, limit, device):
     """Run the teacher over the labeled train and unlabeled images; write the teacher cache.
 
     Rerunning the same command resumes an interrupted dump without redoing finished shards.
@@ -155,7 +156,8 @@ def dump_teacher_cmd(cfg, teacher, out, views, with_box_regression, overwrite, s
     """
     from .dump import dump_teacher
     summary = dump_teacher(cfg, teacher, out, device=device, views=tuple(views.split(",")) if views else None,
-                           with_box_regression=with_box_regression, overwrite=overwrite, strict=strict)
+                           with_box_regression=with_box_regression, overwrite=overwrite, strict=strict,
+                           limit=limit)
     click.echo(f"rank {summary['rank']}: {summary['images']} images in {summary['seconds']:.0f} s "
                f"({summary['images_per_s']:.1f} images/s), {summary['failed']} failed")
     if "completion" in summary:
@@ -241,14 +243,19 @@ def train_student_cmd(cfg, cache, out, method, max_steps, resume, device):
 @click.option("--student", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also measure against this (partly trained) student checkpoint.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Pipeline TOML whose [student.model] builds the fresh student (default: the teacher's spec).")
+              help="Pipeline TOML: its [student.model] builds the fresh student, [distill] sets beta/gamma "
+                   "(default: the teacher's architecture and the paper's settings).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a --config key.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image sample and the fresh student.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly_errors
-def cache_fidelity_cmd(store, teacher, images, student, config_path, device):
+def cache_fidelity_cmd(store, teacher, images, student, config_path, overrides, seed, device, as_json):
     """Recompute a sample of images with the teacher and compare the ADL signal of decoded vs exact logits.
 
     Prints the loss relative error, the gradient cosine and the normaliser error, for a fresh
-    student and optionally a trained one.
+    student and optionally a trained one, and the fraction of stored codes that differ from a
+    fresh encoding.
 
     \b
     Example:
@@ -257,10 +264,10 @@ def cache_fidelity_cmd(store, teacher, images, student, config_path, device):
     from .cache.live_fidelity import format_fidelity, store_fidelity
     from .config import load_config
     from .training import select_device
-    cfg = load_config(config_path) if config_path else None
+    cfg = load_config(config_path, overrides) if config_path else None
     result = store_fidelity(store, teacher, cfg, images=images, student_path=student,
-                            device=str(select_device(device)))
-    click.echo(format_fidelity(result))
+                            device=str(select_device(device)), seed=seed)
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else format_fidelity(result))
 
 
 @main.command("import-checkpoint")
