@@ -148,7 +148,7 @@ def test_batch_distillation_term_equals_a_hand_computation(toy_root, method, ext
     # hard loss on the two labeled samples of three (the unlabeled one has no targets), plus 0.5 x distill
     w = cfg["distill"]["loss_weight"]
     assert terms["loss"] == pytest.approx((terms["cls"] + terms["box"]) * 2 / 3 + w * expected, rel=1e-5)
-    assert float(loss) == pytest.approx(terms["loss"], rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(terms["loss"], rel=1e-6)
 
 
 def test_flipped_sample_without_a_stored_hflip_view_gets_no_distillation(world, monkeypatch):
