@@ -16,25 +16,21 @@ Methods (``distill.method``):
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from . import losses
 from .cache.reader import TeacherCache
-from .config import save_resolved
 from .data.dataset import DetectionDataset, collate, labeled_source, seed_worker, unlabeled_source
 from .geometry import image_to_batch_index
 from .labeling import IGNORED, detection_loss
-from .models import count_parameters, load_detector, save_checkpoint
-from .predict import AnchorCache, autocast, evaluate_model
-from .train import build_model_for
-from .training import (MetricsLog, ResumableSampler, Throughput, TrainingError, barrier, build_optimizer,
-                       init_distributed, load_train_state, lr_factor, move_to, progress_bar, save_train_state,
-                       seed_everything, select_device)
+from .loop import RunSpec, Stream, fit
+from .models import load_detector
+from .predict import autocast
+from .train import build_model_for, val_evaluator
+from .training import TrainingError, init_distributed, move_to, seed_everything, select_device
 
 METHODS = ("none", "kd", "fdl", "adl", "sad", "data_distillation")
 SOFT_LOSS = {"kd", "fdl", "adl", "sad"}
@@ -86,32 +82,6 @@ def _stream_ids(source_ids: list[int], cache: TeacherCache | None, split: str) -
         raise TrainingError(f"none of the {len(source_ids)} {split} images of the config is in the teacher cache "
                             f"{cache.path}; was it dumped from another dataset?")
     return ids
-
-
-class Stream:
-    """An endless, resumable sequence of batches from one dataset (its own epochs and sampler)."""
-
-    def __init__(self, dataset, *, batch_size: int, seed: int, rank: int, world: int, loader_kw: dict):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.sampler = ResumableSampler(len(dataset), seed=seed, rank=rank, world_size=world)
-        self.per_epoch = (len(dataset) // world) // batch_size
-        if self.per_epoch < 1:
-            raise TrainingError(f"{len(dataset)} images are fewer than one batch of {batch_size} per rank")
-        self.loader_kw = loader_kw
-
-    def batches(self, consumed: int):
-        """Yield batches forever, starting after ``consumed`` batches."""
-        while True:
-            epoch, offset = divmod(consumed, self.per_epoch)
-            self.sampler.set_epoch(epoch, offset * self.batch_size)
-            self.dataset.set_epoch(epoch)
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
-                                **self.loader_kw)
-            for batch in loader:
-                consumed += 1
-                yield batch
-                if consumed % self.per_epoch == 0:
-                    break
 
 
 class ConcatWithEpoch(ConcatDataset):
@@ -232,8 +202,7 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
     labeled = labeled_dataset()
     loader_kw = dict(collate_fn=collate, num_workers=tcfg["num_workers"], worker_init_fn=seed_worker,
                      pin_memory=dev.type == "cuda")
-    streams = [Stream(labeled, batch_size=tcfg["batch_size"], seed=tcfg["seed"], rank=info.rank,
-                      world=info.world_size, loader_kw=loader_kw)]
+    streams = [Stream(labeled, batch_size=tcfg["batch_size"], seed=tcfg["seed"], info=info, loader_kw=loader_kw)]
     if mix == "alternate":
         unl_src = unlabeled_source(cfg)
         if unl_src is None:
@@ -244,93 +213,15 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
         unlabeled = WithTeacher(DetectionDataset(unl_src, student.preprocess, image_ids=unl_ids, hflip=unl_flip,
                                                  seed=tcfg["seed"]), cache, pseudo)
         streams.append(Stream(ConcatWithEpoch([labeled_dataset(), unlabeled]), batch_size=tcfg["batch_size"],
-                              seed=tcfg["seed"] + 1, rank=info.rank, world=info.world_size, loader_kw=loader_kw))
+                              seed=tcfg["seed"] + 1, info=info, loader_kw=loader_kw))
     elif mix != "labeled_only":
         raise TrainingError(f"distill.unlabeled_mix must be alternate or labeled_only, got {mix!r}")
     total_steps = max_steps or tcfg["max_steps"] or tcfg["epochs"] * streams[0].per_epoch * len(streams)
 
-    # -- optimiser and resume
-    if dev.type == "cuda":
-        student = student.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(student, tcfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, tcfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and tcfg["amp"])
-    step = 0
-    state_path = out_dir / "train_state.pt"
-    if resume:
-        state = load_train_state(state_path)
-        if state is None:
-            raise TrainingError(f"--resume: no {state_path} to resume from; run without --resume to start")
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-    elif state_path.exists() and info.is_main:
-        raise TrainingError(f"{out_dir} already holds a run (train_state.pt); pass --resume to continue it, "
-                            "or choose another --out")
-    if info.is_main:  # only now: a refused start must not overwrite the existing run's config
-        save_resolved(cfg, out_dir)
-    barrier(info)
-    net = DistributedDataParallel(student) if info.enabled else student
-    anchors = AnchorCache(student.layout, dev)
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if resume else None, enabled=info.is_main)
-    if info.is_main:
-        print(f"[student] {student.spec['arch']} {count_parameters(student) / 1e6:.2f}M params, method {method}, "
-              f"{len(labeled)} labeled" + (f" + {len(streams[1].dataset) - len(labeled)} unlabeled" if len(streams) > 1
-                                            else "") + f" images, {total_steps} steps, device {dev}")
+    def loss_fn(net, batch, anchors):
+        return batch_loss(net, batch, anchors, cfg, dev, teacher)
 
-    def checkpoint(tag: str | None):
-        if not info.is_main:
-            return
-        save_train_state(state_path, {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                      "step": step, "rng": torch.get_rng_state()})
-        if tag:
-            save_checkpoint(out_dir / f"{tag}.pt", student, {"step": step, "method": method})
-
-    # -- the loop: streams take turns (labeled, mixed, labeled, ...), as in the released code
-    consumed = [len(range(k, step, len(streams))) for k in range(len(streams))]
-    iters = [s.batches(c) for s, c in zip(streams, consumed)]
-    images_per_step = tcfg["batch_size"] * info.world_size
-    bar = progress_bar(total_steps * images_per_step, step * images_per_step, f"student/{method}",
-                       enabled=info.is_main)
-    speed = Throughput()
-    t_start = time.perf_counter()
-    net.train()
-    while step < total_steps:
-        batch = next(iters[step % len(streams)])
-        with autocast(dev, tcfg["amp"]):
-            loss, terms = batch_loss(net, batch, anchors, cfg, dev, teacher)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {step}; lower student.train.lr or distill.loss_weight")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if tcfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), tcfg["grad_clip"])
-        lr_used = optimizer.param_groups[0]["lr"]  # get_last_lr() after step() is the *next* step's lr
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        speed.add(images_per_step)
-        bar.update(images_per_step)
-        bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
-        log.write({"step": step, "lr": lr_used, "stream": (step - 1) % len(streams), **terms,
-                   "images_per_s": speed.images_per_s})
-        if tcfg["checkpoint_every_steps"] and step % tcfg["checkpoint_every_steps"] == 0:
-            checkpoint(None)
-    bar.close()
-    train_seconds = time.perf_counter() - t_start
-    checkpoint(None)
-    summary = {"role": "student", "method": method, "arch": student.spec["arch"], "params": count_parameters(student),
-               "steps": step, "train_seconds": train_seconds, "images_per_s": speed.images_per_s}
-    if info.is_main:
-        save_checkpoint(out_dir / "final.pt", student, {"step": step, "method": method})
-        if evaluate:
-            summary["metrics"] = evaluate_model(student, labeled_source(cfg, "val"), cfg, dev,
-                                                batch_size=tcfg["batch_size"], out_json=out_dir / "eval.json")
-    barrier(info)
-    return summary
+    run = RunSpec(out_dir=out_dir, cfg=cfg, train_cfg=tcfg, streams=streams, loss_fn=loss_fn,
+                  evaluate=val_evaluator(cfg, dev, tcfg["batch_size"]) if evaluate else None,
+                  total_steps=total_steps, tag=f"student/{method}", extra={"role": "student", "method": method})
+    return fit(student, run, dev, info, resume=resume)

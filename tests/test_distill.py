@@ -405,9 +405,10 @@ _DDP_DRIVER = """
 # `python -m sadpipe` with two spies: every rank saves its own student weights and the image ids it trained on
 import sys, torch, torch.distributed as dist
 import sadpipe.distill as distill
+import sadpipe.loop as loop
 from sadpipe.cli import main
 student, ids = {}, []
-class SpyDDP(distill.DistributedDataParallel):
+class SpyDDP(loop.DistributedDataParallel):
     def __init__(self, module, *args, **kwargs):
         super().__init__(module, *args, **kwargs)
         student["module"] = module
@@ -415,7 +416,7 @@ real_loss = distill.batch_loss
 def spy_loss(net, batch, *args, **kwargs):
     ids.append(list(batch["image_id"]))
     return real_loss(net, batch, *args, **kwargs)
-distill.DistributedDataParallel, distill.batch_loss = SpyDDP, spy_loss
+loop.DistributedDataParallel, distill.batch_loss = SpyDDP, spy_loss
 main(sys.argv[1:], standalone_mode=False)
 rank = dist.get_rank()
 torch.save({"params": dict(student["module"].named_parameters()), "ids": ids}, sys.argv[sys.argv.index("--out") + 1]

@@ -186,3 +186,17 @@ def test_resume_with_a_changed_config_is_refused(toy_root, tmp_path):
         train_detector(changed, tmp_path, device="cpu", resume=True, evaluate=False)
     longer = load_config(REPO / "pipelines" / "toy.toml", overrides + ["teacher.train.max_steps=3"])
     assert train_detector(longer, tmp_path, device="cpu", resume=True, evaluate=False)["steps"] == 3
+
+
+def test_periodic_evaluation_and_epoch_checkpoints(toy_root, tmp_path):
+    """48 images / batch 8 = 6 steps per epoch; 12 steps with eval every epoch -> one mid-run eval at step 6
+    (the last epoch's is the final eval.json) and a checkpoint per epoch."""
+    from sadpipe.train import train_detector
+    overrides = tiny_overrides(toy_root) + ["teacher.train.max_steps=12", "teacher.train.eval_every_epochs=1"]
+    train_detector(load_config(REPO / "pipelines" / "toy.toml", overrides), tmp_path, device="cpu")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [6]
+    assert set(evals[0]["eval"]) >= set(METRIC_NAMES)
+    assert (tmp_path / "checkpoint_epoch1.pt").is_file() and (tmp_path / "checkpoint_epoch2.pt").is_file()
+    assert load_detector(tmp_path / "checkpoint_epoch1.pt").spec["arch"] == "tiny"
