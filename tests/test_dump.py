@@ -341,3 +341,51 @@ def test_default_codec_is_refitted_on_this_teacher_and_a_given_fit_is_kept(world
     summary = dump_teacher(cfg, world["teacher"], tmp_path / "given.zarr", device="cpu", limit=4, log=lambda *a: None)
     assert summary["fit_seconds"] == 0.0
     assert TeacherCache(tmp_path / "given.zarr").codec == codec_from_dict(given)
+
+
+_SLOW_DUMP_DRIVER = """
+# `sadpipe dump-teacher` whose shard writes are slowed down, so the test can SIGKILL it mid-dump
+import sys, time
+from sadpipe.cache.writer import StoreWriter
+from sadpipe.cli import main
+original = StoreWriter.write_shard
+def slow(self, k, results):
+    time.sleep(1.0)
+    original(self, k, results)
+StoreWriter.write_shard = slow
+main(sys.argv[1:])
+"""
+
+
+def test_sigkill_mid_dump_then_the_same_command_completes(world, tmp_path):
+    """SIGKILL once shard 0 is on disk, then rerun the same command: complete, verified, equal to a clean dump."""
+    import signal
+    import time
+
+    store = tmp_path / "killed.zarr"
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SLOW_DUMP_DRIVER)
+    args = ["dump-teacher", "--config", str(REPO / "pipelines" / "toy.toml"), "--teacher", str(world["teacher"]),
+            "--out", str(store), "--device", "cpu"]
+    for o in overrides(world["base"] / "data"):
+        args += ["--set", o]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(driver), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (store / "images/status/c/0").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "shard 0 never appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # the store is incomplete now: the reader must refuse it
+    with pytest.raises(Exception, match="not finished|incomplete|resume"):
+        TeacherCache(store).image_ids
+    rerun = subprocess.run([sys.executable, "-m", "sadpipe", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout
+    assert verify_store(store).ok
+    assert_same_records(store, world["store"])
