@@ -118,6 +118,7 @@ def evaluate_cmd(cfg, checkpoint, out, device):
     Example:
       sadpipe evaluate --config pipelines/toy.toml --checkpoint runs/teacher/final.pt
     """
+    from .config import save_resolved
     from .data.dataset import labeled_source
     from .evaluate import format_metrics_table
     from .models import load_detector
@@ -127,6 +128,7 @@ def evaluate_cmd(cfg, checkpoint, out, device):
     model = load_detector(checkpoint).to(dev)
     out = out or checkpoint.with_name(checkpoint.stem + "_eval.json")
     metrics = evaluate_model(model, labeled_source(cfg, "val"), cfg, dev, out_json=out)
+    save_resolved(cfg, out.parent, name=f"{out.stem}.config.resolved.toml")
     click.echo(format_metrics_table({checkpoint.name: metrics}))
     click.echo(f"wrote {out}")
 
