@@ -118,7 +118,7 @@ def main() -> None:
     batch = results["none"][0]["batch_size"]
     print(f"\nstudent step, batch {batch}, {args.steps} timed steps x {args.repeats} rounds (medians), "
           f"{args.threads} thread(s), memory = {results['none'][0]['memory']}")
-    print(f"| mode | ms/step | step range over rounds | images/s | peak memory MB | peak RSS MB | worker peak RSS MB | time vs (a) | memory vs (a) |")
+    print("| mode | ms/step | step range over rounds | images/s | peak memory MB | peak RSS MB | worker peak RSS MB | time vs (a) | memory vs (a) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m in MODES:
         steps = [x["step_ms"] for x in results[m]]
