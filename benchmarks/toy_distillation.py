@@ -7,8 +7,8 @@ self-distillation run, 2-3 minutes for the tiny student):
 
 It reuses the demo's stages 1-3 in the work directory (toy data, teacher, teacher cache; done
 stages are skipped, so pointing --workdir at a finished `sadpipe demo` work directory reuses its
-teacher and cache), then trains, per seed, the student alone, ADL on labeled images and SAD, and
-once (seed 0) plain KD, focal-style distillation, data distillation and self-distillation
+teacher and cache), then trains, per seed, the student alone, plain KD, ADL on labeled images and SAD, and
+once (seed 0) focal-style distillation, data distillation and self-distillation
 (student architecture = teacher architecture, SAD). It prints a table of mean +- std over seeds
 and writes it to WORKDIR/benchmark.md.
 """
@@ -27,7 +27,7 @@ from sadpipe.distill import train_student
 # name -> (config overrides, seeded?)
 RUNS = {
     "student alone": (['distill.method="none"'], True),
-    "student + plain KD": (['distill.method="kd"'], False),
+    "student + plain KD": (['distill.method="kd"'], True),
     "student + FDL (beta=0)": (['distill.method="fdl"'], False),
     "student + ADL (labeled)": (['distill.method="adl"'], True),
     "student + SAD (labeled + unlabeled)": (['distill.method="sad"'], True),
