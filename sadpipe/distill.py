@@ -167,6 +167,9 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
     method = dcfg["method"]
     if method not in METHODS:
         raise TrainingError(f"distill.method must be one of {', '.join(METHODS)}, got {method!r}")
+    if dcfg["normalizer"] not in ("adaptive", "foreground") or dcfg["variant"] not in ("paper", "released"):
+        raise TrainingError(f"distill.normalizer must be adaptive or foreground (got {dcfg['normalizer']!r}) and "
+                            f"distill.variant paper or released (got {dcfg['variant']!r})")
     dev = select_device(device)
     info = init_distributed(dev)
     seed_everything(tcfg["seed"])
