@@ -145,7 +145,7 @@ def test_batch_distillation_term_equals_a_hand_computation(toy_root, method, ext
     assert ignored > 0, "the labeled image should have anchors the matcher ignores"
     assert terms["distill"] == pytest.approx(expected, rel=1e-5)
     assert terms["normalizer"] == pytest.approx(norm, rel=1e-5)
-    # hard loss on the two labeled samples of three (the unlabeled one has no targets), plus 0.5 x distill
+    # hard loss on the two labeled samples of three (the unlabeled one has no targets), plus weight x distill
     w = cfg["distill"]["loss_weight"]
     assert terms["loss"] == pytest.approx((terms["cls"] + terms["box"]) * 2 / 3 + w * expected, rel=1e-5)
     assert float(loss.detach()) == pytest.approx(terms["loss"], rel=1e-6)
@@ -256,8 +256,9 @@ def test_every_method_trains_and_logs_its_terms(world, tmp_path, method):
         assert math.isfinite(r["loss"]) and r["cls"] > 0 and r["box"] >= 0
         if "distill" in r:
             assert r["distill"] > 0 and r["normalizer"] >= 1
-    first = records[0]  # labeled stream: every sample has GT, so loss = cls + box + 0.5 distill
-    assert first["loss"] == pytest.approx(first["cls"] + first["box"] + 0.5 * first.get("distill", 0.0), rel=1e-5)
+    first = records[0]  # labeled stream: every sample has GT, so loss = cls + box + weight x distill
+    w = cfg["distill"]["loss_weight"]
+    assert first["loss"] == pytest.approx(first["cls"] + first["box"] + w * first.get("distill", 0.0), rel=1e-5)
 
 
 def test_data_distillation_pseudo_labels_are_the_stored_detections_above_the_threshold(world, tmp_path, monkeypatch):
