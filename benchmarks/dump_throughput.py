@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from sadpipe.cache.reader import TeacherCache
 from sadpipe.config import load_config
-from sadpipe.dump import DumpImages, build_plan, dump_teacher
+from sadpipe.dump import DumpImages, build_plan, dump_teacher, forward_batches
 from sadpipe.models import load_detector
 from sadpipe.transforms import geometry_from_config
 
@@ -45,17 +45,9 @@ def bare_forward(cfg: dict, teacher, n: int, num_workers: int, views) -> tuple[f
     for items in loader:
         ok = [it for it in items if not it["failure"]]
         for view in views:
-            groups: dict = {}
-            for it in ok:
-                groups.setdefault(it["padded"], []).append(it)
-            for padded, group in groups.items():
-                for s in range(0, len(group), bs):
-                    chunk = group[s : s + bs]
-                    batch = torch.zeros((len(chunk), 3, *padded))
-                    for i, it in enumerate(chunk):
-                        img = it["images"][view]
-                        batch[i, :, : img.shape[1], : img.shape[2]] = img
-                    teacher(batch)
+            # the dump's own grouping and batching, without encode, postprocess or write
+            for _ in forward_batches(teacher, ok, view, torch.device("cpu"), batch_size=bs, amp=False):
+                pass
     return len(plan) / (time.perf_counter() - start), 1e3 * (time.process_time() - cpu) / len(plan)
 
 
