@@ -41,3 +41,18 @@ def tiny_overrides(root: Path) -> list[str]:
 @pytest.fixture
 def tiny_cfg(toy_root) -> dict:
     return load_config(REPO / "pipelines" / "toy.toml", tiny_overrides(toy_root))
+
+
+def make_spread_teacher(cfg: dict, path: Path, seed: int = 0) -> Path:
+    """A tiny untrained teacher checkpoint whose cls logits spread over roughly [-7, 0] (many codec bins,
+    some detections), for dump and cache tests that need real geometry but no training."""
+    from sadpipe.data.dataset import labeled_source
+    from sadpipe.models import save_checkpoint
+    from sadpipe.train import build_model_for
+
+    torch.manual_seed(seed)
+    model = build_model_for(cfg, "teacher", labeled_source(cfg, "train").categories)
+    with torch.no_grad():
+        model.head.classification_head.cls_logits.weight.normal_(0.0, 0.1)
+        model.head.classification_head.cls_logits.bias.fill_(-3.5)
+    return save_checkpoint(path, model)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, make_spread_teacher
 
 from sadpipe.cache.codec import codec_from_dict
 from sadpipe.cache.format import StoreMismatchError
@@ -28,12 +28,10 @@ from sadpipe.cache.inspect import store_info, verify_store
 from sadpipe.cache.reader import FailedImageError, TeacherCache
 from sadpipe.cache.writer import StoreWriter
 from sadpipe.config import load_config
-from sadpipe.data.dataset import labeled_source
 from sadpipe.data.images import ImageReadError, read_image
 from sadpipe.dump import DumpError, dump_teacher
 from sadpipe.labeling import postprocess
-from sadpipe.models import load_detector, save_checkpoint
-from sadpipe.train import build_model_for
+from sadpipe.models import load_detector
 from sadpipe.transforms import geometry_from_config
 
 # (height, width) of the train images, then of the unlabeled ones; the last unlabeled file is truncated.
@@ -83,14 +81,7 @@ def overrides(root: Path) -> list[str]:
     ]
 
 
-def make_teacher(cfg: dict, path: Path, seed: int = 0) -> Path:
-    """A tiny teacher whose cls logits spread over roughly [-7, 0] (many bins, some detections)."""
-    torch.manual_seed(seed)
-    model = build_model_for(cfg, "teacher", labeled_source(cfg, "train").categories)
-    with torch.no_grad():
-        model.head.classification_head.cls_logits.weight.normal_(0.0, 0.1)
-        model.head.classification_head.cls_logits.bias.fill_(-3.5)
-    return save_checkpoint(path, model)
+make_teacher = make_spread_teacher
 
 
 @pytest.fixture(scope="module")

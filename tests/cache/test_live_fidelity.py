@@ -9,6 +9,8 @@ import pytest
 import torch
 import zarr
 
+from conftest import make_spread_teacher
+
 from sadpipe.cache.format import StoreMismatchError
 from sadpipe.cache.inspect import verify_store
 from sadpipe.cache.live_fidelity import FRESH_STUDENT, format_fidelity, store_fidelity
@@ -19,14 +21,7 @@ from sadpipe.models import save_checkpoint
 from sadpipe.train import build_model_for
 
 
-def _teacher(cfg, path, seed=0):
-    """Tiny teacher with spread logits (several codec bins, not just the background one)."""
-    torch.manual_seed(seed)
-    model = build_model_for(cfg, "teacher", labeled_source(cfg, "train").categories)
-    with torch.no_grad():
-        model.head.classification_head.cls_logits.weight.normal_(0.0, 0.1)
-        model.head.classification_head.cls_logits.bias.fill_(-3.5)
-    return save_checkpoint(path, model)
+_teacher = make_spread_teacher
 
 
 @pytest.fixture(scope="module")
