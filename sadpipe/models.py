@@ -21,6 +21,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .data.coco import COCO80_CATEGORY_IDS, torchvision_coco91_to_80_channels
 from .geometry import AnchorLayout
 from .transforms import Preprocess
 
@@ -30,11 +31,6 @@ RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34,
            "resnet50": resnet.resnet50, "resnet101": resnet.resnet101}
 TORCHVISION_ARCHS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")
 ARCHS = ("tiny",) + tuple(RESNETS) + TORCHVISION_ARCHS
-
-# COCO category ids of the 80 used classes; torchvision's 91-channel COCO heads index
-# channels by category id (0 background, 10 unused "N/A" slots).
-COCO80_CATEGORY_IDS = (list(range(1, 12)) + list(range(13, 26)) + [27, 28] + list(range(31, 45))
-                       + list(range(46, 66)) + [67, 70] + list(range(72, 83)) + list(range(84, 91)))
 
 
 class CheckpointError(ValueError):
@@ -179,7 +175,8 @@ def file_sha256(path: str | Path) -> str:
 
 def _map_coco91_to_80(state: dict, num_anchors: int) -> dict:
     """Keep the 80 used COCO channels of a 91-channel torchvision head (channel index = a * K + k)."""
-    keep = torch.tensor([a * 91 + c for a in range(num_anchors) for c in COCO80_CATEGORY_IDS])
+    channels = torchvision_coco91_to_80_channels(COCO80_CATEGORY_IDS)
+    keep = torch.tensor([a * 91 + c for a in range(num_anchors) for c in channels])
     state = dict(state)
     for key in ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"):
         state[key] = state[key][keep]
@@ -220,7 +217,7 @@ def load_detector(path: str | Path, arch: str | None = None, num_classes: int | 
         # torchvision's weight metadata lists the 91 channel names (no download involved)
         from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
         names91 = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
-        names_ids = {"category_ids": COCO80_CATEGORY_IDS, "class_names": [names91[c] for c in COCO80_CATEGORY_IDS]}
+        names_ids = {"category_ids": list(COCO80_CATEGORY_IDS), "class_names": [names91[c] for c in COCO80_CATEGORY_IDS]}
         num_classes = 80
     else:
         names_ids = {}

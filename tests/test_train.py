@@ -74,6 +74,23 @@ class _Interrupt(Exception):
     pass
 
 
+def _run_crashing_in_step(step: int, cfg: dict, out, monkeypatch) -> None:
+    """Train into ``out`` and interrupt it inside its ``step``-th loss computation."""
+    real_loss = train_module.supervised_loss
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise _Interrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "supervised_loss", crashing)
+    with pytest.raises(_Interrupt):
+        train_module.train_detector(cfg, out, device="cpu", evaluate=False)
+    monkeypatch.setattr(train_module, "supervised_loss", real_loss)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_is_bit_exact(toy_root, tmp_path, monkeypatch, workers):
     """10 steps straight vs. 5 steps (state saved at 4), a crash, then --resume: identical weights, buffers and losses.
@@ -87,20 +104,8 @@ def test_resume_is_bit_exact(toy_root, tmp_path, monkeypatch, workers):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_module.train_detector(_cfg(toy_root, *extra), straight, device="cpu", evaluate=False)
 
-    real_loss = train_module.supervised_loss
-    calls = {"n": 0}
-
-    def crash_in_sixth_step(*args, **kwargs):
-        # steps 1-5 done and logged, state saved at step 4 (checkpoint_every_steps): step 5 is lost
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise _Interrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "supervised_loss", crash_in_sixth_step)
-    with pytest.raises(_Interrupt):
-        train_module.train_detector(_cfg(toy_root, *extra), crashed, device="cpu", evaluate=False)
-    monkeypatch.setattr(train_module, "supervised_loss", real_loss)
+    # steps 1-5 done and logged, state saved at step 4 (checkpoint_every_steps): step 5 is lost
+    _run_crashing_in_step(6, _cfg(toy_root, *extra), crashed, monkeypatch)
     assert not (crashed / "final.pt").exists()
     assert [r["step"] for r in _metrics(crashed)] == [1, 2, 3, 4, 5]
     assert torch.load(crashed / "train_state.pt", weights_only=False)["step"] == 4
@@ -123,19 +128,7 @@ def test_resume_after_epoch_end_checkpoint(toy_root, tmp_path, monkeypatch):
     extra = ("teacher.train.max_steps=8", "teacher.train.checkpoint_every_steps=0")
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_module.train_detector(_cfg(toy_root, *extra), straight, device="cpu", evaluate=False)
-    real_loss = train_module.supervised_loss
-    calls = {"n": 0}
-
-    def crash_on_seventh_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise _Interrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "supervised_loss", crash_on_seventh_step)
-    with pytest.raises(_Interrupt):
-        train_module.train_detector(_cfg(toy_root, *extra), crashed, device="cpu", evaluate=False)
-    monkeypatch.setattr(train_module, "supervised_loss", real_loss)
+    _run_crashing_in_step(7, _cfg(toy_root, *extra), crashed, monkeypatch)
     assert (crashed / "checkpoint_epoch1.pt").is_file()
     train_module.train_detector(_cfg(toy_root, *extra), crashed, device="cpu", resume=True, evaluate=False)
     a, b = _final_state(straight), _final_state(crashed)

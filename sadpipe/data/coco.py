@@ -22,7 +22,7 @@ import numpy as np
 from sadpipe.data.images import image_size
 
 __all__ = [
-    "CocoFormatError", "ImageRecord", "CategoryMap", "torchvision_coco91_to_80_channels",
+    "CocoFormatError", "ImageRecord", "CategoryMap", "torchvision_coco91_to_80_channels", "COCO80_CATEGORY_IDS",
     "CocoDetectionSource", "UnlabeledSource", "check_disjoint_ids", "stable_image_id", "IMAGE_EXTENSIONS",
 ]
 
@@ -110,6 +110,8 @@ class CategoryMap:
 # channel 0 is background and these ten ids were never used by COCO ("N/A" slots).
 _TORCHVISION_COCO_UNUSED_CHANNELS = frozenset({0, 12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
 _TORCHVISION_COCO_NUM_CHANNELS = 91
+# The 80 category ids COCO annotates, in order (the 91 channels minus background and the N/A slots).
+COCO80_CATEGORY_IDS = tuple(c for c in range(_TORCHVISION_COCO_NUM_CHANNELS) if c not in _TORCHVISION_COCO_UNUSED_CHANNELS)
 
 
 def torchvision_coco91_to_80_channels(category_ids: Sequence[int] | CategoryMap) -> list[int]:
