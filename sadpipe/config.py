@@ -197,6 +197,20 @@ def data_path(cfg: dict, key: str) -> Path | None:
     return p if p.is_absolute() or not root else Path(root).expanduser() / p
 
 
+def path_in_data_root(cfg: dict, path: str | Path) -> str:
+    """``path`` relative to data.root (POSIX form), as the teacher cache records an image, so a
+    cache made on one machine matches the same files under another root; a path outside the
+    root is kept whole."""
+    p = Path(path).expanduser()
+    root = cfg["data"]["root"]
+    if root:
+        try:
+            return p.relative_to(Path(root).expanduser()).as_posix()
+        except ValueError:
+            pass
+    return p.as_posix()
+
+
 def save_resolved(cfg: dict, out_dir: str | Path, name: str = "config.resolved.toml") -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from . import losses
 from .cache.reader import TeacherCache
+from .cache.targets import decode as decode_targets
+from .config import path_in_data_root
 from .data.dataset import DetectionDataset, collate, labeled_source, seed_worker, unlabeled_source
 from .geometry import image_to_batch_index
 from .labeling import IGNORED, detection_loss
@@ -38,15 +40,20 @@ USES_UNLABELED = {"sad", "data_distillation"}
 
 
 class WithTeacher(Dataset):
-    """A DetectionDataset whose samples also carry the cached teacher record of the same view.
+    """A DetectionDataset whose samples also carry the cached teacher targets of the same view.
 
-    Adds ``teacher_logits`` float32 [A_img, K] (None when the store lacks the sample's view, e.g.
-    a flipped image and no hflip view: distillation is then off for that sample), and
-    ``pseudo`` (boxes, labels) from the teacher's stored detections above ``pseudo_thresh``.
+    Adds ``teacher``: :class:`~sadpipe.cache.targets.CompactTargets` (the stored entries above the
+    background bin; decoded on the training device in :func:`batch_loss`), or None when the cache
+    has no record for the sample (an image the dump lacks or failed, or a flipped image and no
+    hflip view: distillation is then off for that sample). With ``pseudo_thresh``, unlabeled
+    samples get the teacher's stored detections above it as their boxes and labels.
     """
 
-    def __init__(self, base: DetectionDataset, cache: TeacherCache | None, pseudo_thresh: float | None):
+    def __init__(self, base: DetectionDataset, cache: TeacherCache | None, pseudo_thresh: float | None,
+                 cached_ids: set[int] | None = None):
         self.base, self.cache, self.pseudo_thresh = base, cache, pseudo_thresh
+        self.cached_ids = cached_ids if cached_ids is not None else (
+            set(cache.ok_image_ids()) if cache is not None else set())
 
     def __len__(self) -> int:
         return len(self.base)
@@ -56,32 +63,62 @@ class WithTeacher(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
-        sample["teacher_logits"] = None
-        if self.cache is None or sample["view"] not in self.cache.views:
+        sample["teacher"] = None
+        image_id, view = sample["image_id"], sample["view"]
+        if self.cache is None or view not in self.cache.views or image_id not in self.cached_ids:
             return sample
-        record = self.cache.get(sample["image_id"], view=sample["view"], box_regression=False,
-                                detections=self.pseudo_thresh is not None)
-        if record.padded_size != tuple(sample["padded_size"]):
-            raise TrainingError(f"image {sample['image_id']} ({sample['path']}): cached padded size {record.padded_size} "
+        facts = self.cache.image_facts(image_id)
+        if facts["padded_size"] != tuple(sample["padded_size"]):
+            raise TrainingError(f"image {image_id} ({sample['path']}): cached padded size {facts['padded_size']} "
                                 f"differs from this run's {sample['padded_size']}; the image file changed since the dump")
-        sample["teacher_logits"] = record.cls_logits
+        sample["teacher"] = self.cache.get_compact(image_id, view)
         if self.pseudo_thresh is not None and not sample["labeled"]:
-            keep = record.det_scores >= self.pseudo_thresh
-            sample["boxes"], sample["labels"] = record.det_boxes[keep], record.det_labels[keep]
+            boxes, scores, labels = self.cache.get_detections(image_id, view)
+            keep = scores >= self.pseudo_thresh
+            sample["boxes"], sample["labels"] = boxes[keep], labels[keep]
             sample["iscrowd"] = torch.zeros(int(keep.sum()), dtype=torch.bool)
         return sample
 
 
-def _stream_ids(source_ids: list[int], cache: TeacherCache | None, split: str) -> list[int]:
-    """The source's image ids that the cache holds as ok records of ``split`` (all of them without a cache)."""
+def join_cache(cfg: dict, records, cache: TeacherCache | None, stream: str, *, keep_missing: bool,
+               log=print) -> list[int]:
+    """The image ids a stream trains on, after joining the config's images to the cache by id.
+
+    Every image the cache holds must be the same file: its stored path (relative to the data
+    root at dump time) must equal this run's, else TrainingError with both paths. Images the cache
+    lacks, or whose dump failed, stay in the stream with ``keep_missing`` (labeled images: they
+    still train on their ground truth, without distillation) and are dropped otherwise
+    (unlabeled images have nothing else to learn from). Prints the counts.
+    """
+    ids = [r.image_id for r in records]
     if cache is None:
-        return list(source_ids)
-    ok = set(cache.ok_image_ids(split))
-    ids = [i for i in source_ids if i in ok]
-    if not ids:
-        raise TrainingError(f"none of the {len(source_ids)} {split} images of the config is in the teacher cache "
+        return ids
+    ok = set(cache.ok_image_ids())
+    failed = set(cache.failed_images)
+    mismatched = []
+    for r in records:
+        if r.image_id in cache:
+            stored, ours = cache.image_facts(r.image_id)["path"], path_in_data_root(cfg, r.path)
+            if stored != ours:
+                mismatched.append(f"image id {r.image_id}: cache {stored!r} vs this run {ours!r}")
+    if mismatched:
+        raise TrainingError(
+            f"teacher cache {cache.path} was dumped from other files than the {stream} images of this config "
+            f"({len(mismatched)} of {len(ids)} ids disagree), e.g.\n  " + "\n  ".join(mismatched[:5])
+            + "\nPoint --cache to the cache dumped from these images, or re-dump the teacher for them.")
+    in_cache = [i for i in ids if i in ok]
+    n_failed = sum(i in failed for i in ids)
+    n_missing = len(ids) - len(in_cache) - n_failed
+    other_split = sum(cache.split_of(i) != ("labeled" if stream == "labeled" else "unlabeled") for i in in_cache)
+    kept = ids if keep_missing else in_cache
+    fate = "train without distillation" if keep_missing else "are left out"
+    log(f"{stream} stream: {len(ids)} images in the config, {len(in_cache)} with teacher targets, {n_failed} failed "
+        f"in the dump and {n_missing} missing from the cache ({n_failed + n_missing} {fate})"
+        + (f"; {other_split} stored under the other split (same files, used as they are)" if other_split else ""))
+    if not in_cache:
+        raise TrainingError(f"none of the {len(ids)} {stream} images of the config is in the teacher cache "
                             f"{cache.path}; was it dumped from another dataset?")
-    return ids
+    return kept
 
 
 class ConcatWithEpoch(ConcatDataset):
@@ -90,12 +127,14 @@ class ConcatWithEpoch(ConcatDataset):
             d.set_epoch(epoch)
 
 
-def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None) -> tuple[torch.Tensor, dict]:
+def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None, code_table=None) -> tuple[torch.Tensor, dict]:
     """Total loss of one batch and its terms (floats) for the log.
 
     GT (or pseudo-GT) focal + box losses on the samples that have targets, plus
-    ``loss_weight * sum(distillation) / normaliser`` over every sample with teacher logits,
-    gathered at the sample's own anchors inside the batch canvas.
+    ``loss_weight * sum(distillation) / normaliser`` over every sample with teacher targets,
+    gathered at the sample's own anchors inside the batch canvas. Cached targets arrive compact
+    (``batch["teacher"]``) and are decoded here on ``device`` with ``code_table`` (float32 [256],
+    the cache's ``code_table`` on the device); ``teacher`` instead runs a live teacher.
     """
     dcfg, tcfg = cfg["distill"], cfg["student"]["train"]
     method = dcfg["method"]
@@ -126,11 +165,15 @@ def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None) -> tupl
                 t_canvas = teacher(move_to(batch["images"], device))[0].float()
         s_parts, t_parts, m_parts = [], [], []
         for i in range(len(batch["image_id"])):
-            if teacher is None and batch["teacher_logits"][i] is None:
+            if teacher is None and batch["teacher"][i] is None:
                 continue  # e.g. a flipped image and a cache without the hflip view
             idx = image_to_batch_index(student_layout(student), batch["padded_size"][i], canvas).to(device)
             s_parts.append(cls_logits[i, idx])
-            t_parts.append(t_canvas[i, idx] if teacher is not None else move_to(batch["teacher_logits"][i], device))
+            if teacher is not None:
+                t_parts.append(t_canvas[i, idx])
+            else:  # decoded on the training device from the compact record: [A_img, K] in the image's anchor order
+                t_parts.append(decode_targets(batch["teacher"][i].to(device, non_blocking=device.type == "cuda"),
+                                             code_table))
             # anchors the GT matcher ignores (IoU in [0.4, 0.5)) are excluded on labeled images (REFERENCE 1)
             keep = (matched[i][idx] != IGNORED) if (matched is not None and i in matched and batch["labeled"][i]) \
                 else torch.ones(idx.numel(), dtype=torch.bool, device=device)
@@ -195,7 +238,8 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
     if cache is not None and flip and "hflip" not in cache.views:
         print("note: the cache has no hflip view; flipped images train without distillation")
     pseudo = dcfg["pseudo_score_thresh"] if (method == "data_distillation" or dcfg["pseudo_labels"]) else None
-    labeled_ids = _stream_ids([r.image_id for r in train_src.images], cache, "labeled")
+    labeled_ids = join_cache(cfg, train_src.images, cache, "labeled", keep_missing=True,
+                             log=print if info.is_main else (lambda *_: None))
 
     def labeled_dataset() -> WithTeacher:
         # one instance per stream: a stream's set_epoch (flip decisions) must not reach the other stream
@@ -210,7 +254,8 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
         unl_src = unlabeled_source(cfg)
         if unl_src is None:
             raise TrainingError(f"distill.method={method} needs unlabeled images: set data.unlabeled_images")
-        unl_ids = _stream_ids([r.image_id for r in unl_src.images], cache, "unlabeled")
+        unl_ids = join_cache(cfg, unl_src.images, cache, "unlabeled", keep_missing=False,
+                             log=print if info.is_main else (lambda *_: None))
         # unlabeled images are flipped only when the cache has their flipped view (they have nothing else to learn)
         unl_flip = flip and (cache is None or "hflip" in cache.views)
         unlabeled = WithTeacher(DetectionDataset(unl_src, student.preprocess, image_ids=unl_ids, hflip=unl_flip,
@@ -221,8 +266,10 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
         raise TrainingError(f"distill.unlabeled_mix must be alternate or labeled_only, got {mix!r}")
     total_steps = max_steps or tcfg["max_steps"] or tcfg["epochs"] * streams[0].per_epoch * len(streams)
 
+    code_table = cache.code_table.to(dev) if cache is not None else None
+
     def loss_fn(net, batch, anchors):
-        return batch_loss(net, batch, anchors, cfg, dev, teacher)
+        return batch_loss(net, batch, anchors, cfg, dev, teacher, code_table)
 
     run = RunSpec(out_dir=out_dir, cfg=cfg, train_cfg=tcfg, streams=streams, loss_fn=loss_fn,
                   evaluate=val_evaluator(cfg, dev, tcfg["batch_size"]) if evaluate else None,

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from .cache.codec import codec_from_dict, default_codec
 from .cache.format import METADATA_ATTR, ImageResult, StoreSpec, ViewResult
 from .cache.writer import StoreWriter
-from .config import save_resolved
+from .cache import targets
+from .config import path_in_data_root, save_resolved
 from .data.coco import check_disjoint_ids
 from .data.dataset import labeled_source, unlabeled_source
 from .data.images import ImageReadError, read_image
@@ -58,9 +59,13 @@ class DumpError(ValueError):
 
 @dataclass(frozen=True)
 class PlanEntry:
+    """path: the file to read; key: the path the store records (relative to data.root), which a
+    student compares with its own image's to refuse a cache made from other files."""
+
     image_id: int
     split: str
     path: str
+    key: str
 
 
 def build_plan(cfg: dict, limit: int | None = None) -> list[PlanEntry]:
@@ -78,10 +83,13 @@ def build_plan(cfg: dict, limit: int | None = None) -> list[PlanEntry]:
         check_disjoint_ids(*sources)
     except ValueError as e:
         raise DumpError(str(e)) from None
-    plan = [PlanEntry(r.image_id, "labeled", str(r.path)) for r in labeled.images]
+    def entry(r, split: str) -> PlanEntry:
+        return PlanEntry(r.image_id, split, str(r.path), path_in_data_root(cfg, r.path))
+
+    plan = [entry(r, "labeled") for r in labeled.images]
     if unlabeled is not None:
         seen = {p.image_id for p in plan}
-        plan += [PlanEntry(r.image_id, "unlabeled", str(r.path)) for r in unlabeled.images if r.image_id not in seen]
+        plan += [entry(r, "unlabeled") for r in unlabeled.images if r.image_id not in seen]
     if limit is not None:
         if limit < 1:
             raise DumpError(f"the image limit must be >= 1, got {limit}")
@@ -148,16 +156,17 @@ def forward_batches(teacher: Detector, items: list[dict], view: str, device: tor
 def finish_batch(chunk: list[dict], padded: tuple[int, int], cls_logits: torch.Tensor, bbox: torch.Tensor, *,
                  codec, anchors: Callable[[tuple[int, int]], torch.Tensor], layout, detect_cfg: dict,
                  with_box_regression: bool) -> dict[int, ViewResult]:
-    """Encode (on the logits' device: only uint8 crosses to the host) and postprocess one batch;
-    returns plan position -> ViewResult."""
-    codes = codec.encode(cls_logits).cpu().numpy()
+    """Encode and postprocess one batch; returns plan position -> ViewResult. Codes and their
+    compact form are made on the logits' device: only the entries above the background bin
+    (cache/targets.py) cross to the host."""
+    codes = codec.encode(cls_logits)  # uint8 [B, A, K]; every image of the chunk has the same padded size
     boxes16 = bbox.half().cpu().numpy() if with_box_regression else None
     dets = postprocess(cls_logits, bbox, anchors(padded), [it["size"] for it in chunk], layout.anchors_per_level(padded),
                        score_thresh=detect_cfg["score_thresh"], nms_thresh=detect_cfg["nms_thresh"],
                        detections_per_img=detect_cfg["detections_per_img"],
                        topk_candidates=detect_cfg["topk_candidates"])
     return {item["index"]: ViewResult(
-        cls_codes=codes[i], box_regression=None if boxes16 is None else boxes16[i],
+        cls_codes=targets.compact_from_codes(codes[i]), box_regression=None if boxes16 is None else boxes16[i],
         det_boxes=dets[i]["boxes"].cpu().numpy().astype(np.float32),
         det_scores=dets[i]["scores"].cpu().numpy().astype(np.float32),
         det_labels=dets[i]["labels"].cpu().numpy()) for i, item in enumerate(chunk)}
@@ -222,7 +231,7 @@ def make_spec(cfg: dict, plan: list[PlanEntry], teacher: Detector, teacher_path:
     layout, preprocess = geometry_from_config(cfg)
     d = cfg["dump"]
     return StoreSpec(
-        image_ids=[p.image_id for p in plan], splits=[p.split for p in plan], paths=[p.path for p in plan],
+        image_ids=[p.image_id for p in plan], splits=[p.split for p in plan], paths=[p.key for p in plan],
         views=tuple(views), num_classes=teacher.num_classes,
         max_anchors=layout.max_anchors(preprocess.min_size, preprocess.max_size), num_levels=layout.num_levels,
         images_per_shard=d["images_per_shard"], max_detections=cfg["detect"]["detections_per_img"],

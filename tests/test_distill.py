@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
@@ -22,6 +23,8 @@ from torchvision.ops import box_iou
 
 import sadpipe.distill as distill
 import sadpipe.models as models
+from sadpipe.cache import targets
+from sadpipe.cache.codec import default_codec
 from sadpipe.cache.format import CacheMismatchError
 from sadpipe.cache.reader import TeacherCache
 from sadpipe.config import load_config
@@ -93,14 +96,31 @@ def _hand_batch(layout, num_classes: int) -> dict:
     128x256 image, and a labeled 128x128 flipped image without teacher logits (store lacks hflip)."""
     g = torch.Generator().manual_seed(1)
     padded = [(128, 128), (128, 256), (128, 128)]
-    teacher = [torch.randn(layout.num_anchors(p), num_classes, generator=g) * 2.5 - 3.0 for p in padded[:2]] + [None]
+    codec = default_codec()
+    # a weak-teacher image (dense record) and a confident one (sparse record)
+    logits = [torch.randn(layout.num_anchors(p), num_classes, generator=g) * 2.5 + loc
+              for p, loc in zip(padded[:2], (-3.0, -7.0))]
+    compact = [_compact(codec, z) for z in logits]
+    assert {c.encoding for c in compact} == {targets.DENSE, targets.SPARSE}
+    # the expected values use the codec's own CPU decode of the dense codes, independent of targets.decode
+    decoded = [codec.decode(codec.encode(z)).float() for z in logits] + [None]
     boxes = [torch.tensor([[10.0, 20.0, 60.0, 90.0], [70.0, 5.0, 120.0, 50.0]]), torch.zeros(0, 4),
              torch.tensor([[30.0, 30.0, 100.0, 100.0]])]
     labels = [torch.tensor([1, 4]), torch.zeros(0, dtype=torch.int64), torch.tensor([2])]
     return {"image_id": [1, UNLABELED_FIRST_ID, 2], "images": torch.randn(3, 3, 128, 256, generator=g),
             "canvas": (128, 256), "padded_size": padded, "labeled": [True, False, True],
             "view": ["orig", "orig", "hflip"], "boxes": boxes, "labels": labels,
-            "iscrowd": [torch.zeros(len(b), dtype=torch.bool) for b in boxes], "teacher_logits": teacher}
+            "iscrowd": [torch.zeros(len(b), dtype=torch.bool) for b in boxes], "teacher": compact + [None],
+            "teacher_dense": decoded}
+
+
+def _compact(codec, logits) -> targets.CompactTargets:
+    """The record a dump stores for these logits, as the student's loader hands it over."""
+    codes = codec.encode(logits)
+    encoding, deltas, values = targets.compact_from_codes(codes)
+    n0, n1 = targets.code_counts(values, codes.numel())
+    return targets.CompactTargets(torch.from_numpy(deltas.view(np.int16)), torch.from_numpy(values),
+                                  codec.background_logit(n0, n1), codes.shape[0], codes.shape[1], encoding)
 
 
 def _expected_distill(student, batch, dcfg, method):
@@ -115,7 +135,7 @@ def _expected_distill(student, batch, dcfg, method):
     assert len(position) == len(canvas_anchors)
     matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)  # torchvision RetinaNet's
     total, norm, ignored_seen = 0.0, 0.0, 0
-    for i, t in enumerate(batch["teacher_logits"]):
+    for i, t in enumerate(batch["teacher_dense"]):
         if t is None:
             continue
         idx = torch.tensor([position[tuple(a.tolist())] for a in layout.anchors(batch["padded_size"][i])])
@@ -139,7 +159,8 @@ def test_batch_distillation_term_equals_a_hand_computation(toy_root, method, ext
     cfg = _cfg(toy_root, "geometry.max_size=256", f'distill.method="{method}"', *extra)
     student = build_model_for(cfg, "student", labeled_source(cfg, "train").categories).eval()  # eval: fixed BN
     batch = _hand_batch(student.layout, student.num_classes)
-    loss, terms = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg, CPU)
+    loss, terms = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg, CPU,
+                                     code_table=targets.code_table(default_codec()))
 
     expected, norm, ignored = _expected_distill(student, batch, cfg["distill"], method)
     assert ignored > 0, "the labeled image should have anchors the matcher ignores"
@@ -162,22 +183,27 @@ def test_flipped_sample_without_a_stored_hflip_view_gets_no_distillation(world, 
     assert 0 < views.count("hflip") < len(ids), views  # the seeded flips mix both views here
 
     gets = []
-    real_get = TeacherCache.get
+    real_get = TeacherCache.get_compact
 
-    def spy_get(self, image_id, view="orig", **kw):
+    def spy_get(self, image_id, view="orig"):
         gets.append((int(image_id), view))
-        return real_get(self, image_id, view, **kw)
+        return real_get(self, image_id, view)
 
-    monkeypatch.setattr(TeacherCache, "get", spy_get)
+    monkeypatch.setattr(TeacherCache, "get_compact", spy_get)
     dataset = distill.WithTeacher(base, cache, None)
     batch = collate([dataset[k] for k in range(len(ids))])
     assert sorted(gets) == sorted((i, "orig") for i, v in zip(ids, views) if v == "orig")
-    for i, v, t in zip(ids, views, batch["teacher_logits"]):
+    batch["teacher_dense"] = []
+    for i, v, t in zip(ids, views, batch["teacher"]):
         if v == "hflip":
             assert t is None
-        else:  # the decoded record, not anything else
-            assert torch.equal(t, real_get(cache, i, "orig").cls_logits)
-    _, terms = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg, CPU)
+            batch["teacher_dense"].append(None)
+        else:  # the record of this image, decoded by the codec from its dense codes
+            dense = cache.codec.decode(cache.get_codes(i, "orig")).float()
+            assert torch.equal(targets.decode(t, cache.code_table), dense)
+            batch["teacher_dense"].append(dense)
+    _, terms = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg, CPU,
+                                  code_table=cache.code_table)
     expected, _, _ = _expected_distill(student, batch, cfg["distill"], "adl")
     assert terms["distill"] == pytest.approx(expected, rel=1e-5)
 
@@ -192,7 +218,7 @@ def test_cache_targets_agree_with_the_live_teacher(world):
                                   TeacherCache(world["both"]), None)
     batch = collate([dataset[k] for k in range(len(dataset))])
     anchors = AnchorCache(student.layout, CPU)
-    _, cached = distill.batch_loss(student, batch, anchors, cfg, CPU)
+    _, cached = distill.batch_loss(student, batch, anchors, cfg, CPU, code_table=dataset.cache.code_table)
     _, live = distill.batch_loss(student, batch, anchors, cfg, CPU, teacher=load_detector(world["teacher"]).eval())
     assert live["distill"] == pytest.approx(cached["distill"], rel=2e-2)
     assert live["distill"] != cached["distill"]  # really two different target sources
@@ -211,11 +237,11 @@ def test_training_reads_the_cache_and_never_builds_the_teacher(world, tmp_path, 
         real_init(self, spec)
 
     gets = []
-    real_get = TeacherCache.get
+    real_get = TeacherCache.get_compact
 
-    def spy_get(self, image_id, view="orig", **kw):
+    def spy_get(self, image_id, view="orig"):
         gets.append((int(image_id), view))
-        return real_get(self, image_id, view, **kw)
+        return real_get(self, image_id, view)
 
     seen = []
     real_loss = distill.batch_loss
@@ -225,7 +251,7 @@ def test_training_reads_the_cache_and_never_builds_the_teacher(world, tmp_path, 
         return real_loss(student, batch, *args, **kwargs)
 
     monkeypatch.setattr(models.Detector, "__init__", spy_init)
-    monkeypatch.setattr(TeacherCache, "get", spy_get)
+    monkeypatch.setattr(TeacherCache, "get_compact", spy_get)
     monkeypatch.setattr(distill, "batch_loss", spy_loss)
     cfg = _cfg(world["root"], 'distill.method="sad"')
     distill.train_student(cfg, world["both"], tmp_path / "run", device="cpu", max_steps=2, evaluate=False)

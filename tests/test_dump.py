@@ -124,7 +124,7 @@ def test_records_equal_the_teacher_on_each_image_padded_alone(world):
     seen_padded = set()
     for image_id in cache.ok_image_ids():
         i = cache.index_of(image_id)
-        path = cache.get(image_id).path
+        path = cache.image_file(image_id)  # the stored path is relative to the dump's data root
         for view in ("orig", "hflip"):
             rec = cache.get(image_id, view)
             cls, bbox, size, padded = direct(teacher, cfg, path, flip=view == "hflip")

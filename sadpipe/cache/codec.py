@@ -121,6 +121,10 @@ class UniformProbabilityCodec:
         table, pairs = self._tables
         return torch.from_numpy(_lookup(table, pairs, _as_code_array(codes)))
 
+    def background_logit(self, n0: int, n1: int) -> float:
+        """The logit code 0 decodes to (the same for every image: no per-image context)."""
+        return float(self._tables[0][0])
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -257,6 +261,13 @@ class BinnedProbabilityCodec:
         q = math.exp(log_mean_pow / self.power)
         q = min(q, self.edges_q[0])
         return float(_logit(q))
+
+    def background_logit(self, n0: int, n1: int) -> float:
+        """The logit code 0 decodes to in an image with n0 codes 0 and n1 codes 1, rounded to
+        float32 as :meth:`decode` uses it (the per-image value the teacher cache stores)."""
+        if self.floor_context is None:
+            return float(self._tables[0][0])
+        return float(np.float32(self.floor_value(n0, n1)))
 
     def decode(self, codes: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 codes [..., K] -> float32 logits [..., K] (CPU tensor)."""

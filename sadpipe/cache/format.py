@@ -22,8 +22,10 @@ import numpy as np
 
 from sadpipe.cache.codec import codec_from_dict
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# Version 2: compact teacher targets (sparse entries above the background bin, cache/targets.py)
+# and packed detections; version 1 stored dense [A_max, K] codes per image.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (2,)
 COMPLETION_VERSION = 1
 
 # Root group attribute keys.
@@ -119,13 +121,15 @@ class StoreSpec:
 class ViewResult:
     """Teacher outputs for one image in one view (num_anchors = A_i, d <= D detections).
 
-    cls_codes: uint8 [A_i, K] (codec.encode of the logits).
+    cls_codes: uint8 [A_i, K] (codec.encode of the logits), or already compact: the tuple
+    (encoding, deltas uint16 [M], codes uint8) of ``targets.compact_from_codes`` (the dump makes
+    it on the teacher's device so only compact arrays reach the host).
     box_regression: float16 [A_i, 4] or None (None iff the store has no box regression).
     det_boxes: float32 [d, 4] (x1, y1, x2, y2) in resized-image pixels; det_scores float32 [d];
     det_labels: int [d], contiguous labels in [0, K).
     """
 
-    cls_codes: np.ndarray
+    cls_codes: np.ndarray | tuple
     det_boxes: np.ndarray
     det_scores: np.ndarray
     det_labels: np.ndarray
@@ -159,7 +163,7 @@ class ImageResult:
 
 @dataclass(frozen=True)
 class ArrayLayout:
-    """One zarr array of the store.
+    """One zarr array of the store (dtype VLEN_BYTES: zarr's variable-length bytes).
 
     kind: "plan" (written once at creation), "per_shard" (small per-image arrays, one chunk
     per store shard), "sharded" (per-view data, inner chunk = 1 image, shard = S images) or
@@ -175,11 +179,18 @@ class ArrayLayout:
     kind: str
 
 
+VLEN_BYTES = "variable_length_bytes"
+# views/{v}/detections columns: box (x1, y1, x2, y2) in resized pixels, score, contiguous label.
+DETECTION_COLUMNS = ("x1", "y1", "x2", "y2", "score", "label")
+
 # Small per-image arrays written with each shard (images/status is appended last by per_shard_array_names).
 PER_SHARD_IMAGE_ARRAYS = (
     "images/failure", "images/orig_hw", "images/resized_hw", "images/padded_hw",
     "images/grid_hw", "images/num_anchors",
 )
+
+# Small per-image, per-view arrays (see targets.py for encoding / num_entries / background).
+PER_VIEW_SMALL_ARRAYS = ("encoding", "num_entries", "background", "det_count")
 
 
 def num_shards(num_images: int, images_per_shard: int) -> int:
@@ -199,14 +210,15 @@ def index_name(per_shard_name: str) -> str:
 def per_shard_array_names(meta: dict) -> list[str]:
     """Small per-image arrays written with every shard (status last), consolidated by finalize."""
     names = list(PER_SHARD_IMAGE_ARRAYS)
-    names += [f"views/{v}/det_count" for v in meta["views"]]
+    for v in meta["views"]:
+        names += [f"views/{v}/{short}" for short in PER_VIEW_SMALL_ARRAYS]
     return names + ["images/status"]
 
 
 def array_layouts(meta: dict) -> list[ArrayLayout]:
     """All arrays of a store described by its root metadata ``meta`` (see docs/cache_format.md)."""
     n, s = meta["num_images"], meta["images_per_shard"]
-    a_max, k, levels, d = meta["max_anchors"], meta["num_classes"], meta["num_levels"], meta["max_detections"]
+    a_max, levels, d = meta["max_anchors"], meta["num_levels"], meta["max_detections"]
     table = (max(1, min(n, TABLE_CHUNK_IMAGES)),)
     out = [
         ArrayLayout("images/image_id", (n,), "int64", table, None, 0, "plan"),
@@ -223,20 +235,19 @@ def array_layouts(meta: dict) -> list[ArrayLayout]:
         "images/status": ((n,), "uint8", STATUS_PENDING),
     }
     for v in meta["views"]:
+        small[f"views/{v}/encoding"] = ((n,), "uint8", 0)
+        small[f"views/{v}/num_entries"] = ((n,), "int32", 0)
+        small[f"views/{v}/background"] = ((n,), "float32", 0.0)
         small[f"views/{v}/det_count"] = ((n,), "int16", 0)
     for name in per_shard_array_names(meta):
         shape, dtype, fill = small[name]
         out.append(ArrayLayout(name, shape, dtype, (s,) + shape[1:], None, fill, "per_shard"))
         out.append(ArrayLayout(index_name(name), shape, dtype, table + shape[1:], None, fill, "index"))
     for v in meta["views"]:
-        per_view = [("cls_codes", (a_max, k), "uint8", 0)]
+        per_view = [("targets", (), VLEN_BYTES, b"")]
         if meta["with_box_regression"]:
             per_view.append(("box_regression", (a_max, 4), "float16", 0.0))
-        per_view += [
-            ("det_boxes", (d, 4), "float32", 0.0),
-            ("det_scores", (d,), "float32", 0.0),
-            ("det_labels", (d,), "int16", -1),
-        ]
+        per_view.append(("detections", (d, len(DETECTION_COLUMNS)), "float32", 0.0))
         for short, inner, dtype, fill in per_view:
             out.append(ArrayLayout(
                 f"views/{v}/{short}", (n,) + inner, dtype, (1,) + inner, (s,) + inner, fill, "sharded",

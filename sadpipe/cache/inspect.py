@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from sadpipe.cache import format as fmt
+from sadpipe.cache import targets as tg
 from sadpipe.cache.format import CacheStoreError
 from sadpipe.cache.reader import read_store_metadata
 from sadpipe.cache.writer import completion_index
@@ -82,9 +83,8 @@ def verify_store(path) -> VerifyReport:
         blocks = []
         for k, start, stop, data in _read_blocks(arr, layout, report):
             if layout.kind == "sharded":
-                if (data is not None and layout.name.endswith("/cls_codes")
-                        and "images/num_anchors" in tables and "images/status" in tables):
-                    _check_padding(layout.name, k, start, data, tables, report)
+                if data is not None and layout.name.endswith("/targets"):
+                    _check_targets(layout.name, k, start, data, tables, meta["num_classes"], report)
             else:
                 blocks.append(data)
         if layout.kind != "sharded" and all(b is not None for b in blocks):
@@ -94,15 +94,36 @@ def verify_store(path) -> VerifyReport:
     return report
 
 
-def _check_padding(name: str, k: int, start: int, data: np.ndarray, tables: dict, report: VerifyReport) -> None:
-    """Rows past an image's num_anchors (and every row of a failed/pending image) must be zero."""
-    num_anchors = tables["images/num_anchors"][start : start + data.shape[0]]
-    ok = tables["images/status"][start : start + data.shape[0]] == fmt.STATUS_OK
-    bad = [j for j in range(data.shape[0]) if data[j, int(num_anchors[j]) if ok[j] else 0 :].any()]
+def _check_targets(name: str, k: int, start: int, blobs: np.ndarray, tables: dict, num_classes: int,
+                   report: VerifyReport) -> None:
+    """Every ok image's record must unpack as its encoding and entry count say, and its entries must
+    stay inside the image's A_i x K values; failed and pending images have no record."""
+    view = name.split("/")[1]
+    needed = ("images/num_anchors", "images/status", f"views/{view}/encoding", f"views/{view}/num_entries")
+    if any(t not in tables for t in needed):
+        return  # already reported as unreadable
+    bad = []
+    for j, blob in enumerate(blobs):
+        i = start + j
+        if tables["images/status"][i] != fmt.STATUS_OK:
+            if len(blob):
+                bad.append(i)
+            continue
+        encoding, m = int(tables[f"views/{view}/encoding"][i]), int(tables[f"views/{view}/num_entries"][i])
+        n_values = int(tables["images/num_anchors"][i]) * num_classes
+        try:
+            deltas, codes = tg.unpack(blob, encoding, m)
+        except ValueError:
+            bad.append(i)
+            continue
+        if encoding == tg.DENSE and m != n_values:
+            bad.append(i)
+        elif encoding == tg.SPARSE and int(deltas.view(np.uint16).astype(np.int64).sum()) > n_values:
+            bad.append(i)
     if bad:
-        bad = np.asarray(bad)
         report.problems.append(
-            f"{name} shard {k}: nonzero codes past num_anchors at plan positions {(start + bad)[:MAX_LISTED].tolist()}"
+            f"{name} shard {k}: records inconsistent with their image's anchors or entry counts at plan positions "
+            f"{bad[:MAX_LISTED]}"
         )
 
 
@@ -182,15 +203,21 @@ def store_info(path) -> dict:
     arrays = {a.name: _dir_bytes(path / a.name, chunks_only=True) for a in fmt.array_layouts(meta)}
     views = {}
     for v in meta["views"]:
-        cls_bytes = arrays[f"views/{v}/cls_codes"]
+        cls_bytes = arrays[f"views/{v}/targets"]
         view_bytes = _dir_bytes(path / "views" / v)
+        encoding = table(f"views/{v}/encoding")
+        entries = table(f"views/{v}/num_entries").astype(np.int64)
         views[v] = {
             "ok_images": int(ok.sum()),
             "bytes": view_bytes,
-            "cls_codes_bytes": cls_bytes,
+            "targets_bytes": cls_bytes,
             "bytes_per_image": view_bytes / max(1, int(ok.sum())),
             "bits_per_value": 8.0 * cls_bytes / n_values if n_values else None,
             "ratio_to_float32": 4.0 * n_values / cls_bytes if cls_bytes else None,
+            "sparse_images": int((ok & (encoding == tg.SPARSE)).sum()),
+            "dense_images": int((ok & (encoding == tg.DENSE)).sum()),
+            "mean_sparse_entries": float(entries[ok & (encoding == tg.SPARSE)].mean())
+            if (ok & (encoding == tg.SPARSE)).any() else 0.0,
         }
     total = _dir_bytes(path)
     per_split = {}
@@ -260,7 +287,9 @@ def format_store_info(info: dict, max_failed: int = 20) -> str:
         bits = "n/a" if s["bits_per_value"] is None else f"{s['bits_per_value']:.2f}"
         ratio = "n/a" if s["ratio_to_float32"] is None else f"{s['ratio_to_float32']:.1f}x"
         lines.append(f"  view {v:8s} {_size(s['bytes'])} ({_size(s['bytes_per_image'])} per image); "
-                     f"cls codes {_size(s['cls_codes_bytes'])}: {bits} bits per value, {ratio} smaller than float32")
+                     f"teacher targets {_size(s['targets_bytes'])}: {bits} bits per value, {ratio} smaller than float32; "
+                     f"{s['sparse_images']} sparse records (mean {s['mean_sparse_entries']:.0f} entries), "
+                     f"{s['dense_images']} dense")
     if info["failed_images"]:
         lines.append(f"failed images ({len(info['failed_images'])}):")
         for f in info["failed_images"][:max_failed]:

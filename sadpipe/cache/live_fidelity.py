@@ -118,6 +118,8 @@ def store_fidelity(store_path, teacher_path, cfg: dict | None = None, *, images:
     adl = {"beta": d.get("beta", 1.0), "gamma": d.get("gamma", 2.0), "variant": d.get("variant", "paper"),
            "power": d.get("normalizer_power", 1.8)}
 
+    # images are found under this run's data root when a config is given, else under the dump's
+    data_root = ((cfg or {}).get("data") or {}).get("root") or None
     ids = _sample_ids(cache, images, seed)
     info = store_info(cache.path)
     out = {"store": str(cache.path), "teacher": str(teacher_path), "image_ids": ids, "adl": adl, "views": {}}
@@ -125,7 +127,7 @@ def store_fidelity(store_path, teacher_path, cfg: dict | None = None, *, images:
         exact, decoded, student_logits = [], [], {name: [] for name in students}
         mismatched = entries = 0
         for image_id in ids:
-            image = read_image(cache.get(image_id, view, box_regression=False, detections=False).path)
+            image = read_image(cache.image_file(image_id, data_root))
             if view == "hflip":
                 image = image[:, ::-1].copy()
             live = _logits_alone(teacher, preprocess, image, dev)

@@ -4,6 +4,12 @@ Safe in DataLoader workers and in many processes at once: the small per-image ta
 numpy arrays (inherited by forked workers, picklable for spawned ones) and the zarr array
 handles are (re)opened lazily in each process (tracked by ``os.getpid()``). Per record the
 reader touches one inner chunk (one image) of each per-view array, never whole arrays.
+
+Two ways to read teacher targets:
+- ``get_compact`` returns :class:`~sadpipe.cache.targets.CompactTargets`, the stored entries
+  above the background bin (cost proportional to them); the student's loader ships those and
+  decodes them on the training device (``targets.decode`` with ``code_table(cache.codec)``).
+- ``get`` returns a :class:`CacheRecord` with dense float32 logits, for any other training loop.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 import zarr
 
 from sadpipe.cache import format as fmt
+from sadpipe.cache import targets as tg
 from sadpipe.cache.codec import codec_from_dict
 from sadpipe.cache.format import (
     COMPLETION_ATTR,
@@ -40,7 +47,8 @@ class CacheRecord:
 
     cls_logits: float32 [A, K] decoded logits; box_regression: float32 [A, 4] or None;
     det_boxes float32 [d, 4] (x1, y1, x2, y2, resized pixels), det_scores float32 [d],
-    det_labels int64 [d] (None if get(..., detections=False)); sizes are (h, w);
+    det_labels int64 [d] (None if get(..., detections=False)); sizes are (h, w); path is the stored
+    one, relative to the dump's data root (``TeacherCache.image_file`` resolves it);
     grid_sizes: one (h, w) per FPN level.
     """
 
@@ -79,6 +87,12 @@ def read_store_metadata(path) -> tuple[dict, dict | None]:
             f"{path} is a zarr store without sadpipe metadata (creation was interrupted, or another tool wrote it)"
         )
     version = meta.get("format_version")
+    if version == 1:
+        raise UnsupportedFormatError(
+            f"{path} is a version-1 teacher cache (dense codes per anchor); this sadpipe reads version "
+            f"{fmt.FORMAT_VERSION} (compact targets: docs/cache_format.md). Re-dump the teacher into a new "
+            "store with the same `sadpipe dump-teacher` command and another --out (or --overwrite)."
+        )
     if version not in fmt.SUPPORTED_FORMAT_VERSIONS:
         raise UnsupportedFormatError(
             f"{path} has teacher-cache format version {version}; this sadpipe reads "
@@ -104,6 +118,7 @@ class TeacherCache:
         self.metadata = meta
         self.completion = mark
         self.codec = codec_from_dict(meta["codec"])
+        self.code_table = tg.code_table(self.codec)  # float32 [256]; move to the device to decode there
         self._tables: dict[str, np.ndarray] | None = None
         self._id_to_index: dict[int, int] | None = None
         self._arrays: dict[str, zarr.Array] = {}
@@ -202,6 +217,28 @@ class TeacherCache:
         i = self.index_of(image_id)
         return fmt.STATUS_NAMES[int(self._tables["images/status"][i])]
 
+    def image_facts(self, image_id) -> dict:
+        """What the store records of the image (no per-view read): path (relative to the data
+        root at dump time), split, status, sizes (h, w) and num_anchors."""
+        i = self.index_of(image_id)
+        t = self._tables
+        return {"path": str(t["images/path"][i]), "split": fmt.SPLIT_NAMES[int(t["images/split"][i])],
+                "status": fmt.STATUS_NAMES[int(t["images/status"][i])],
+                "orig_size": tuple(int(x) for x in t["images/orig_hw"][i]),
+                "resized_size": tuple(int(x) for x in t["images/resized_hw"][i]),
+                "padded_size": tuple(int(x) for x in t["images/padded_hw"][i]),
+                "num_anchors": int(t["images/num_anchors"][i])}
+
+    def image_file(self, image_id, data_root=None) -> Path:
+        """The image's file: its stored path under ``data_root`` (default: the data root the dump
+        used, from the stored config), or the stored path itself when it is absolute."""
+        stored = Path(self.image_facts(image_id)["path"])
+        if stored.is_absolute():
+            return stored
+        if data_root is None:
+            data_root = ((self.metadata.get("config") or {}).get("data") or {}).get("root") or "."
+        return Path(data_root).expanduser() / stored
+
     def split_of(self, image_id) -> str:
         i = self.index_of(image_id)
         return fmt.SPLIT_NAMES[int(self._tables["images/split"][i])]
@@ -220,46 +257,69 @@ class TeacherCache:
             )
         return i
 
-    def get_codes(self, image_id, view: str = "orig") -> np.ndarray:
-        """Raw codec codes, uint8 [A, K] (the image's own anchor rows)."""
+    def get_compact(self, image_id, view: str = "orig") -> tg.CompactTargets:
+        """The image's teacher targets as stored (CPU tensors): one inner-chunk read, no decode.
+        ``targets.decode(record.to(device), cache.code_table.to(device))`` gives the float32
+        logits [A, K] on any device."""
         i = self._checked(image_id, view)
-        a = int(self._tables["images/num_anchors"][i])
-        return self._array(f"views/{view}/cls_codes")[i, :a]
+        return self._compact(i, view)
+
+    def _compact(self, i: int, view: str) -> tg.CompactTargets:
+        t = self._tables
+        encoding = int(t[f"views/{view}/encoding"][i])
+        m = int(t[f"views/{view}/num_entries"][i])
+        blob = self._array(f"views/{view}/targets")[i : i + 1][0]
+        try:
+            deltas, codes = tg.unpack(blob, encoding, m)
+        except ValueError as e:
+            raise fmt.CacheStoreError(f"teacher cache {self.path}: record {i} of view {view!r} is corrupt ({e}); "
+                                      "run `sadpipe cache verify` on it") from None
+        return tg.CompactTargets(
+            deltas=torch.from_numpy(deltas.copy()), codes=torch.from_numpy(codes.copy()),
+            background=float(t[f"views/{view}/background"][i]), num_anchors=int(t["images/num_anchors"][i]),
+            num_classes=self.num_classes, encoding=encoding,
+        )
+
+    def get_codes(self, image_id, view: str = "orig") -> np.ndarray:
+        """Codec codes as a dense uint8 [A, K] array (the image's own anchor rows)."""
+        c = self.get_compact(image_id, view)
+        return tg.dense_codes(c.encoding, c.deltas.numpy(), c.codes.numpy(),
+                              c.num_anchors * c.num_classes).reshape(c.num_anchors, c.num_classes)
+
+    def get_detections(self, image_id, view: str = "orig") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's stored detections: boxes float32 [d, 4] (x1, y1, x2, y2, resized pixels),
+        scores float32 [d], labels int64 [d] (one inner-chunk read)."""
+        return self._detections(self._checked(image_id, view), view)
+
+    def _detections(self, i: int, view: str):
+        d = int(self._tables[f"views/{view}/det_count"][i])
+        rows = self._array(f"views/{view}/detections")[i, :d] if d else np.zeros((0, 6), np.float32)
+        return (torch.from_numpy(np.ascontiguousarray(rows[:, :4])), torch.from_numpy(np.ascontiguousarray(rows[:, 4])),
+                torch.from_numpy(rows[:, 5].astype(np.int64)))
 
     def get(self, image_id, view: str = "orig", *, box_regression: bool = True,
             detections: bool = True) -> CacheRecord:
-        """The record of ``image_id`` in ``view``. Each per-view array costs one inner-chunk
-        read (~1-2 ms); pass box_regression=False / detections=False to skip those reads
-        (the fields are then None)."""
+        """The record of ``image_id`` in ``view`` with dense float32 logits decoded on the CPU.
+        Each per-view array costs one inner-chunk read (~1-2 ms); pass box_regression=False /
+        detections=False to skip those reads (the fields are then None)."""
         i = self._checked(image_id, view)
         t = self._tables
         a = int(t["images/num_anchors"][i])
-        d = int(t[f"views/{view}/det_count"][i])
-        codes = self._array(f"views/{view}/cls_codes")[i, :a]
         box = None
         if box_regression and self.metadata["with_box_regression"]:
             box = torch.from_numpy(self._array(f"views/{view}/box_regression")[i, :a].astype(np.float32))
-        if not detections:
-            det_boxes = det_scores = det_labels = None
-        elif d:
-            det_boxes = self._array(f"views/{view}/det_boxes")[i, :d]
-            det_scores = self._array(f"views/{view}/det_scores")[i, :d]
-            det_labels = self._array(f"views/{view}/det_labels")[i, :d].astype(np.int64)
-        else:
-            det_boxes = np.zeros((0, 4), np.float32)
-            det_scores = np.zeros(0, np.float32)
-            det_labels = np.zeros(0, np.int64)
+        det_boxes, det_scores, det_labels = self._detections(i, view) if detections else (None, None, None)
         return CacheRecord(
             image_id=int(t["images/image_id"][i]),
             split=fmt.SPLIT_NAMES[int(t["images/split"][i])],
             path=str(t["images/path"][i]),
             view=view,
             status="ok",
-            cls_logits=self.codec.decode(codes).float(),
+            cls_logits=tg.decode(self._compact(i, view), self.code_table),
             box_regression=box,
-            det_boxes=None if det_boxes is None else torch.from_numpy(np.ascontiguousarray(det_boxes)),
-            det_scores=None if det_scores is None else torch.from_numpy(np.ascontiguousarray(det_scores)),
-            det_labels=None if det_labels is None else torch.from_numpy(det_labels),
+            det_boxes=det_boxes,
+            det_scores=det_scores,
+            det_labels=det_labels,
             orig_size=tuple(int(x) for x in t["images/orig_hw"][i]),
             resized_size=tuple(int(x) for x in t["images/resized_hw"][i]),
             padded_size=tuple(int(x) for x in t["images/padded_hw"][i]),

@@ -16,15 +16,20 @@ import datetime as _dt
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.dtype import VariableLengthBytes
+from zarr.errors import UnstableSpecificationWarning
 
 import sadpipe
 from sadpipe.cache import format as fmt
+from sadpipe.cache import targets as tg
+from sadpipe.cache.codec import codec_from_dict
 from sadpipe.cache.format import (
     COMPLETION_ATTR,
     METADATA_ATTR,
@@ -112,6 +117,7 @@ class StoreWriter:
         self.resume_summary = summary  # one line for the user: created / resuming / complete
         self._arrays = {a.name: root[a.name] for a in fmt.array_layouts(meta)}
         self._image_ids = self._arrays["images/image_id"][:]
+        self._codec = codec_from_dict(meta["codec"])
 
     # ---- construction -------------------------------------------------------------------
 
@@ -145,10 +151,15 @@ class StoreWriter:
         try:
             root = zarr.open_group(path, mode="w")
             for a in fmt.array_layouts(meta):
-                root.create_array(
-                    a.name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards,
-                    fill_value=a.fill_value, compressors=compressors,
-                )
+                with warnings.catch_warnings():
+                    # zarr warns that variable-length bytes have no zarr v3 specification yet;
+                    # zarr-python reads and writes them (docs/cache_format.md)
+                    warnings.simplefilter("ignore", UnstableSpecificationWarning)
+                    root.create_array(
+                        a.name, shape=a.shape,
+                        dtype=VariableLengthBytes() if a.dtype == fmt.VLEN_BYTES else a.dtype,
+                        chunks=a.chunks, shards=a.shards, fill_value=a.fill_value, compressors=compressors,
+                    )
             root["images/image_id"][:] = np.asarray(spec.image_ids, dtype=np.int64)
             root["images/split"][:] = fmt.split_codes(spec.splits)
             root["images/path"][:] = np.array([str(p) for p in spec.paths], dtype=object)
@@ -270,7 +281,7 @@ class StoreWriter:
 
     def _assemble(self, k: int, idx: range, results: Sequence[ImageResult]) -> dict[str, np.ndarray]:
         m = self.metadata
-        n_k, a_max, n_cls, d_max, levels = len(idx), m["max_anchors"], m["num_classes"], m["max_detections"], m["num_levels"]
+        n_k, a_max, d_max, levels = len(idx), m["max_anchors"], m["max_detections"], m["num_levels"]
         by_index: dict[int, ImageResult] = {}
         for r in results:
             if r.index in by_index:
@@ -287,11 +298,12 @@ class StoreWriter:
         views = {}
         for v in self.views:
             views[v] = {
-                "cls_codes": np.zeros((n_k, a_max, n_cls), np.uint8),
+                "targets": np.array([b""] * n_k, dtype=object),
                 "box_regression": np.zeros((n_k, a_max, 4), np.float16) if m["with_box_regression"] else None,
-                "det_boxes": np.zeros((n_k, d_max, 4), np.float32),
-                "det_scores": np.zeros((n_k, d_max), np.float32),
-                "det_labels": np.full((n_k, d_max), -1, np.int16),
+                "detections": np.zeros((n_k, d_max, len(fmt.DETECTION_COLUMNS)), np.float32),
+                "encoding": np.zeros(n_k, np.uint8),
+                "num_entries": np.zeros(n_k, np.int32),
+                "background": np.zeros(n_k, np.float32),
                 "det_count": np.zeros(n_k, np.int16),
             }
         failure = np.array([""] * n_k, dtype=object)
@@ -326,7 +338,7 @@ class StoreWriter:
             for v, out in views.items():
                 self._fill_view(out, j, r.views[v], a_i, f"{where}, view {v!r}")
         for v, out in views.items():
-            for short in ("cls_codes", "box_regression", "det_boxes", "det_scores", "det_labels"):
+            for short in ("targets", "box_regression", "detections"):
                 if out[short] is not None:
                     blocks[f"views/{v}/{short}"] = out[short]
         blocks["images/failure"] = failure
@@ -335,18 +347,35 @@ class StoreWriter:
         blocks["images/grid_hw"] = grid
         blocks["images/num_anchors"] = num_anchors
         for v, out in views.items():
-            blocks[f"views/{v}/det_count"] = out["det_count"]
+            for short in fmt.PER_VIEW_SMALL_ARRAYS:
+                blocks[f"views/{v}/{short}"] = out[short]
         blocks["images/status"] = status  # last: marks the shard complete
         return blocks
 
     def _fill_view(self, out: dict, j: int, vr, a_i: int, where: str) -> None:
         m = self.metadata
-        codes = _as_numpy(vr.cls_codes)
-        if codes.dtype != np.uint8 or codes.shape != (a_i, m["num_classes"]):
-            raise ValueError(
-                f"{where}: cls_codes must be uint8 [{a_i}, {m['num_classes']}], got {codes.dtype} {list(codes.shape)}"
-            )
-        out["cls_codes"][j, :a_i] = codes
+        n_values = a_i * m["num_classes"]
+        if isinstance(vr.cls_codes, tuple):
+            encoding, deltas, codes = vr.cls_codes
+        else:
+            dense = _as_numpy(vr.cls_codes)
+            if dense.dtype != np.uint8 or dense.shape != (a_i, m["num_classes"]):
+                raise ValueError(
+                    f"{where}: cls_codes must be uint8 [{a_i}, {m['num_classes']}], got {dense.dtype} {list(dense.shape)}"
+                )
+            encoding, deltas, codes = tg.compact_from_codes(dense)
+        codes = np.asarray(codes, dtype=np.uint8)
+        if encoding == tg.DENSE and codes.size != n_values:
+            raise ValueError(f"{where}: dense codes hold {codes.size} values, expected {a_i} x {m['num_classes']}")
+        if encoding == tg.SPARSE and (deltas.shape != codes.shape
+                                      or int(np.asarray(deltas, np.int64).sum()) > n_values):
+            raise ValueError(f"{where}: sparse codes: {deltas.size} deltas, {codes.size} codes, summing past "
+                             f"{n_values} values")
+        n0, n1 = tg.code_counts(codes, n_values)
+        out["targets"][j] = tg.pack(encoding, deltas, codes)
+        out["encoding"][j] = encoding
+        out["num_entries"][j] = codes.size
+        out["background"][j] = self._codec.background_logit(n0, n1)
         if m["with_box_regression"]:
             if vr.box_regression is None:
                 raise ValueError(f"{where}: the store keeps box_regression but it is None")
@@ -365,9 +394,9 @@ class StoreWriter:
             raise ValueError(f"{where}: {d} detections exceed max_detections={m['max_detections']}")
         if d and (labels.min() < 0 or labels.max() >= m["num_classes"]):
             raise ValueError(f"{where}: detection labels must be in [0, {m['num_classes']})")
-        out["det_boxes"][j, :d] = boxes
-        out["det_scores"][j, :d] = scores
-        out["det_labels"][j, :d] = labels
+        out["detections"][j, :d, :4] = boxes
+        out["detections"][j, :d, 4] = scores
+        out["detections"][j, :d, 5] = labels
         out["det_count"][j] = d
 
     # ---- completion ---------------------------------------------------------------------

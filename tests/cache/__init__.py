@@ -58,7 +58,10 @@ def make_result(spec: StoreSpec, index: int, failed: set[int] = frozenset()) -> 
     num_anchors = int(min(MAX_ANCHORS, 2 * (grid[:, 0] * grid[:, 1]).sum()))
     views = {}
     for v_i, v in enumerate(spec.views):
-        logits = torch.from_numpy(rng.normal(-3.0, 2.5, size=(num_anchors, NUM_CLASSES)).astype(np.float32))
+        # even positions: a weak teacher (most entries above the floor: dense records); odd: a
+        # confident one (few entries above it: sparse records)
+        loc = -3.0 if index % 2 == 0 else -6.5
+        logits = torch.from_numpy(rng.normal(loc, 2.5, size=(num_anchors, NUM_CLASSES)).astype(np.float32))
         d = int(rng.integers(0, MAX_DETECTIONS + 1))
         xy = rng.uniform(0, 50, size=(d, 2)).astype(np.float32)
         views[v] = ViewResult(

@@ -29,9 +29,9 @@ def test_clean_store_verifies(tmp_path):
 
 
 @pytest.mark.parametrize("where", [0.0, 0.37, 0.81, 1.0])
-def test_flipped_byte_in_a_cls_codes_shard_is_reported(tmp_path, where):
+def test_flipped_byte_in_a_targets_shard_is_reported(tmp_path, where):
     _finished_store(tmp_path / "c.zarr")
-    shard_file = tmp_path / "c.zarr/views/hflip/cls_codes/c/1/0/0"  # store shard 1, images 4..7
+    shard_file = tmp_path / "c.zarr/views/hflip/targets/c/1"  # store shard 1, images 4..7
     raw = bytearray(shard_file.read_bytes())
     pos = min(len(raw) - 1, int(where * len(raw)))  # first byte, chunk data, shard index, last byte
     raw[pos] ^= 0x10
@@ -39,7 +39,7 @@ def test_flipped_byte_in_a_cls_codes_shard_is_reported(tmp_path, where):
     report = verify_store(tmp_path / "c.zarr")
     assert not report.ok
     assert len(report.problems) == 1
-    assert report.problems[0].startswith("views/hflip/cls_codes shard 1 (images 4..7)")
+    assert report.problems[0].startswith("views/hflip/targets shard 1 (images 4..7)")
     assert "checksum" in report.problems[0]
 
 
@@ -81,11 +81,13 @@ def test_store_info_counts_and_compression(tmp_path):
         {"image_id": spec.image_ids[5], "path": f"/data/img_{spec.image_ids[5]}.jpg",
          "reason": f"cannot identify image file for {spec.image_ids[5]}"}
     ]
-    # independent count: values of ok images, bytes of the chunk files under cls_codes/c
+    # independent count: values of ok images, bytes of the chunk files under targets/c
     values = sum(make_result(spec, i).num_anchors for i in range(10) if i != 5) * NUM_CLASSES
     for v in spec.views:
-        stored = sum(p.stat().st_size for p in (path / f"views/{v}/cls_codes/c").rglob("*") if p.is_file())
-        assert info["views"][v]["cls_codes_bytes"] == stored
+        stored = sum(p.stat().st_size for p in (path / f"views/{v}/targets/c").rglob("*") if p.is_file())
+        assert info["views"][v]["targets_bytes"] == stored
+        # make_result alternates weak (dense) and confident (sparse) images: even positions dense
+        assert (info["views"][v]["dense_images"], info["views"][v]["sparse_images"]) == (5, 4)
         assert info["views"][v]["bits_per_value"] == pytest.approx(8 * stored / values)
         assert info["views"][v]["ratio_to_float32"] == pytest.approx(4 * values / stored)
     assert info["bytes_total"] == sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -95,12 +97,13 @@ def test_store_info_counts_and_compression(tmp_path):
     assert "bits per value" in text
 
 
-def test_codes_past_num_anchors_are_reported(tmp_path):
+def test_records_that_do_not_fit_their_image_are_reported(tmp_path):
     spec = _finished_store(tmp_path / "c.zarr", failed=frozenset({1}))
-    arr = zarr.open_array(tmp_path / "c.zarr/views/orig/cls_codes", mode="r+")
+    arr = zarr.open_array(tmp_path / "c.zarr/views/orig/targets", mode="r+")
     block = arr[0:4]
-    block[0, make_result(spec, 0).num_anchors, 0] = 1  # first padding row of image 0
-    block[1, 0, 2] = 9  # failed image 1 must have no codes at all
+    block[0] = block[0][:-1]  # image 0's record one byte short of what its entry count says
+    block[1] = b"\x01\x00\x07"  # failed image 1 must have no record at all
     arr[0:4] = block  # a whole-shard rewrite: checksums stay valid
     problems = verify_store(tmp_path / "c.zarr").problems
-    assert problems == ["views/orig/cls_codes shard 0: nonzero codes past num_anchors at plan positions [0, 1]"]
+    assert problems == ["views/orig/targets shard 0: records inconsistent with their image's anchors or entry "
+                        "counts at plan positions [0, 1]"]

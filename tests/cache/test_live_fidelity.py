@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -67,7 +68,12 @@ def test_codes_zeroed_through_zarr_pass_verify_but_not_fidelity(dumped, tmp_path
     victim = clean["image_ids"][0]
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(store, damaged)
-    zarr.open_group(damaged, mode="r+")["views/orig/cls_codes"][TeacherCache(damaged).index_of(victim)] = 0
+    # every code of the victim's record set to 0 (background), its entry positions kept
+    i = TeacherCache(damaged).index_of(victim)
+    arr = zarr.open_group(damaged, mode="r+")["views/orig/targets"]
+    blob = arr[i : i + 1][0]
+    m = TeacherCache(damaged).get_compact(victim).num_entries
+    arr[i : i + 1] = np.array([blob[: len(blob) - m] + bytes(m)], dtype=object)  # the codes are the last m bytes (sparse and dense alike)
     assert verify_store(damaged).ok  # zarr rewrote the checksum: verify cannot see it
     d = store_fidelity(damaged, teacher, cfg, images=4, seed=0)
     assert d["image_ids"] == clean["image_ids"]

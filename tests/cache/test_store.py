@@ -77,11 +77,21 @@ def test_plain_zarr_reads_the_store_and_padding_is_zero(tmp_path):
     writer.finalize()
     root = zarr.open_group(tmp_path / "c.zarr", mode="r")
     assert "box_regression" not in root["views/orig"]
-    codes = root["views/orig/cls_codes"][:]
+    blobs = root["views/orig/targets"][:]
+    encoding, entries = root["index/views/orig/encoding"][:], root["index/views/orig/num_entries"][:]
     for i in range(5):
         r = make_result(spec, i)
-        assert np.array_equal(codes[i, : r.num_anchors], r.views["orig"].cls_codes)
-        assert not codes[i, r.num_anchors :].any()
+        codes = r.views["orig"].cls_codes.reshape(-1)
+        raw = np.frombuffer(blobs[i], np.uint8)
+        if encoding[i] == 1:  # dense: the codes themselves
+            assert np.array_equal(raw, codes)
+        else:  # sparse: low bytes of the gaps, high bytes, codes; unpacked here by hand
+            m = entries[i]
+            gaps = raw[:m].astype(np.int64) + 256 * raw[m : 2 * m].astype(np.int64)
+            positions = np.cumsum(gaps) - 1
+            rebuilt = np.zeros_like(codes)
+            rebuilt[positions] = raw[2 * m :]
+            assert np.array_equal(rebuilt, codes) and (raw[2 * m :] > 0).all()  # no fillers at this size
     assert root["images/image_id"][:].tolist() == spec.image_ids
     assert root.attrs["sadpipe"]["teacher"]["checkpoint_sha256"] == "ab" * 32
 
@@ -103,8 +113,8 @@ def test_resume_after_crash_rewrites_only_unfinished_shards(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         writer.write_shard(1, shard_results(writer, spec, 1))  # every array but status written
     del writer
-    # shard 1's cls codes are on disk, yet the shard must count as unfinished
-    assert (path / "views/orig/cls_codes/c/1/0/0").exists()
+    # shard 1's teacher targets are on disk, yet the shard must count as unfinished
+    assert (path / "views/orig/targets/c/1").exists()
 
     resumed = StoreWriter.create_or_resume(path, spec)
     assert resumed.pending_shards() == [1, 3]
