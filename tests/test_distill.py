@@ -479,3 +479,53 @@ def test_two_process_ddp_run_keeps_the_ranks_identical(world, tmp_path):
     init = build_model_for(cfg, "student", labeled_source(cfg, "train").categories)
     assert any(not torch.equal(p, r0["params"][n]) for n, p in init.named_parameters())  # it did train
     assert len(_metrics(out)) == 3  # rank 0 alone writes the log
+
+
+# ---------------------------------------------------------------------------------------------
+# joining the config's images to the cache (by id, checked by path)
+
+
+def test_a_cache_of_other_files_with_the_same_ids_is_refused_with_both_paths(world, tmp_path):
+    # the same images under another folder name: ids and pixels agree, the stored paths do not
+    (world["root"] / "train_copy").mkdir(exist_ok=True)
+    link = world["root"] / "train_copy" / "images"
+    if not link.exists():
+        link.symlink_to(world["root"] / "train" / "images")
+    cfg = _cfg(world["root"], 'distill.method="adl"', 'data.train_images="train_copy/images"')
+    with pytest.raises(TrainingError, match="dumped from other files") as info:
+        distill.train_student(cfg, world["both"], tmp_path / "run", device="cpu", max_steps=1, evaluate=False)
+    message = str(info.value)
+    first_id = labeled_source(cfg, "train").images[0].image_id
+    stored = TeacherCache(world["both"]).image_facts(first_id)["path"]
+    assert stored.startswith("train/images/")  # relative to the dump's data root
+    assert f"image id {first_id}: cache {stored!r} vs this run 'train_copy/images/" in message
+    assert "48 of 48 ids disagree" in message  # the toy world's 48 labeled images
+    assert not (tmp_path / "run" / "train_state.pt").exists()
+
+
+def test_images_missing_from_the_cache_are_counted_labeled_ones_train_on_ground_truth(world, tmp_path, capsys):
+    cfg = _cfg(world["root"], 'distill.method="adl"')
+    partial = tmp_path / "partial.zarr"
+    dump_teacher(cfg, world["teacher"], partial, device="cpu", views=("orig",), limit=40, log=lambda *a: None)
+    cache = TeacherCache(partial)
+    src = labeled_source(cfg, "train")
+    lines = []
+    ids = distill.join_cache(cfg, src.images, cache, "labeled", keep_missing=True, log=lines.append)
+    all_ids = [r.image_id for r in src.images]
+    assert ids == all_ids  # 48 labeled images; the plan's first 40 are in the cache
+    assert lines == ["labeled stream: 48 images in the config, 40 with teacher targets, 0 failed in the dump and 8 "
+                     "missing from the cache (8 train without distillation)"]
+    dataset = distill.WithTeacher(DetectionDataset(src, build_model_for(cfg, "student", src.categories).preprocess,
+                                                   image_ids=ids), cache, None)
+    missing = [k for k, i in enumerate(ids) if i not in cache]
+    assert len(missing) == 8
+    sample = dataset[missing[0]]
+    assert sample["teacher"] is None and len(sample["boxes"]) > 0  # ground truth, no teacher targets
+    assert dataset[0]["teacher"] is not None
+    # unlabeled images the cache lacks have nothing to learn from: refused when none is there
+    with pytest.raises(TrainingError, match="none of the 32 unlabeled images"):
+        distill.join_cache(cfg, distill.unlabeled_source(cfg).images, cache, "unlabeled", keep_missing=False,
+                           log=lines.append)
+    # the run prints the counts and trains
+    distill.train_student(cfg, partial, tmp_path / "run", device="cpu", max_steps=1, evaluate=False)
+    assert "8 missing from the cache (8 train without distillation)" in capsys.readouterr().out

@@ -107,3 +107,16 @@ def test_compact_records_compress_smaller_than_the_dense_codes(mu, sd, min_gain)
     compact = len(zstd.encode(tg.pack(record.encoding, record.deltas.numpy().view(np.uint16), record.codes.numpy())))
     dense = len(zstd.encode(codes.numpy().tobytes()))
     assert dense / compact >= min_gain, (dense, compact)
+
+
+def test_a_version_1_store_is_refused_with_what_to_do(tmp_path):
+    import zarr
+
+    from sadpipe.cache.format import UnsupportedFormatError
+    from sadpipe.cache.reader import TeacherCache
+
+    root = zarr.open_group(tmp_path / "old.zarr", mode="w")
+    root.attrs["sadpipe"] = {"format_version": 1}
+    root.attrs["sadpipe_completion"] = {"complete": True}
+    with pytest.raises(UnsupportedFormatError, match=r"version-1 teacher cache .* Re-dump the teacher"):
+        TeacherCache(tmp_path / "old.zarr")
