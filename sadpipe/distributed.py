@@ -17,6 +17,12 @@ Two problems, two tools:
     finished reduction in the prior iteration"). The loop adds a term that is exactly 0 and
     whose gradient is exactly 0 for each output of the model, so every parameter receives a
     gradient on every rank and nothing any loss computes changes.
+
+Not covered: a rank that fails between two agreements while the others are in another
+collective (a batch it cannot read or a non-finite loss inside the DDP step loop, an image
+``--strict`` refuses in its dump shards). Its message is in its own output; the others fail at
+once with gloo ("Connection closed by peer"), and with NCCL wait until torchrun stops them
+(torchrun ends every worker of a node when one exits) or the process-group timeout.
 """
 
 from __future__ import annotations
