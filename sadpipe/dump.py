@@ -33,6 +33,7 @@ from .config import path_in_data_root, save_resolved
 from .data.coco import check_disjoint_ids
 from .data.dataset import labeled_source, unlabeled_source
 from .data.images import ImageReadError, read_image
+from .distributed import fail_together
 from .labeling import postprocess
 from .models import Detector, file_sha256, load_detector
 from .predict import AnchorCache, autocast
@@ -336,24 +337,24 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
     plan = build_plan(cfg, limit)
 
     fit_seconds = 0.0
-    if info.is_main:
-        codec = codec_from_dict(d["codec"]) if d["codec"] else default_codec()
-        # default_codec() ships decode values fitted on another (the toy) teacher: refit them on
-        # this one; a configured codec with its own decode_q is used as given.
-        refit = not d["codec"] or d["codec"].get("decode_q") is None
-        stored = _stored_codec(out, overwrite)
-        if stored is not None and _unfitted(stored) == _unfitted(codec):
-            codec = stored  # resume: the fit is part of the store's identity; refitting could differ in the last bit
-        elif refit:
-            t_fit = time.perf_counter()
-            codec = fit_codec(codec, teacher, plan, preprocess, dev, log=log)
-            fit_seconds = time.perf_counter() - t_fit
-        spec = make_spec(cfg, plan, teacher, teacher_path, codec, views, with_box_regression=with_box_regression,
-                         limit=limit)
-        writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
-        log(writer.resume_summary)
-        save_resolved(cfg, out.parent, name=f"{out.name}.config.resolved.toml")
-    barrier(info)
+    with fail_together(info):  # a refusal on rank 0 (e.g. StoreMismatchError) stops every rank with it
+        if info.is_main:
+            codec = codec_from_dict(d["codec"]) if d["codec"] else default_codec()
+            # default_codec() ships decode values fitted on another (the toy) teacher: refit them on
+            # this one; a configured codec with its own decode_q is used as given.
+            refit = not d["codec"] or d["codec"].get("decode_q") is None
+            stored = _stored_codec(out, overwrite)
+            if stored is not None and _unfitted(stored) == _unfitted(codec):
+                codec = stored  # resume: the fit is part of the store's identity; refitting could differ in the last bit
+            elif refit:
+                t_fit = time.perf_counter()
+                codec = fit_codec(codec, teacher, plan, preprocess, dev, log=log)
+                fit_seconds = time.perf_counter() - t_fit
+            spec = make_spec(cfg, plan, teacher, teacher_path, codec, views, with_box_regression=with_box_regression,
+                             limit=limit)
+            writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
+            log(writer.resume_summary)
+            save_resolved(cfg, out.parent, name=f"{out.name}.config.resolved.toml")
     if not info.is_main:
         writer = StoreWriter.open(out)
     codec = codec_from_dict(writer.metadata["codec"])  # every rank encodes with the stored codec
@@ -400,7 +401,7 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
     barrier(info)
     summary = {"rank": info.rank, "images": todo, "failed": failed, "seconds": seconds, "fit_seconds": fit_seconds,
                "images_per_s": todo / seconds if seconds > 0 else 0.0}
-    if info.is_main:
-        summary["completion"] = writer.finalize()
-    barrier(info)
+    with fail_together(info):
+        if info.is_main:
+            summary["completion"] = writer.finalize()
     return summary

@@ -5,6 +5,11 @@ one or more endless streams taking turns (the released SAD code alternates a lab
 mixed labeled + unlabeled batch), every step is logged, the run state is saved every
 ``checkpoint_every_steps`` and at every epoch end (so a crash loses little), and the model is
 evaluated every ``eval_every_epochs`` epochs and at the end.
+
+Under torchrun (sadpipe.distributed): what rank 0 does alone (refusing an existing run, saving,
+evaluating) ends in ``fail_together``, so a failure there stops every rank with its message;
+and every output of the model enters the loss through an exact zero, so a rank whose batch has
+no box targets still gives the box head a (zero) gradient and DDP keeps going.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from torch.utils.data import DataLoader
 from .config import load_config, save_resolved
 from .models import Detector, count_parameters, save_checkpoint
 from .predict import AnchorCache, autocast
-from .training import (DistInfo, MetricsLog, ResumableSampler, Throughput, TrainingError, barrier, build_optimizer,
+from .distributed import TouchEveryOutput, fail_together
+from .training import (DistInfo, MetricsLog, ResumableSampler, Throughput, TrainingError, build_optimizer,
                        load_train_state, lr_factor, progress_bar, save_train_state)
 
 
@@ -110,26 +116,29 @@ def fit(model: Detector, run: RunSpec, dev: torch.device, info: DistInfo, *, res
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and tcfg["amp"])
     step = 0
     state_path = out_dir / "train_state.pt"
-    if resume:
-        state = load_train_state(state_path)
-        if state is None:
-            raise TrainingError(f"--resume: no {state_path} to resume from; run without --resume to start")
-        check_resume_config(out_dir, run.cfg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-    elif state_path.exists() and info.is_main:
-        raise TrainingError(f"{out_dir} already holds a run (train_state.pt); pass --resume to continue it, "
-                            "or choose another --out")
-    if info.is_main:  # only now: a refused start must not overwrite the existing run's config
-        save_resolved(run.cfg, out_dir)
-    barrier(info)
+    # a refusal (or any failure) here, on any rank, stops every rank with its message
+    with fail_together(info):
+        if resume:
+            state = load_train_state(state_path)
+            if state is None:
+                raise TrainingError(f"--resume: no {state_path} to resume from; run without --resume to start")
+            check_resume_config(out_dir, run.cfg)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            step = state["step"]
+            torch.set_rng_state(state["rng"])
+        elif state_path.exists() and info.is_main:
+            raise TrainingError(f"{out_dir} already holds a run (train_state.pt); pass --resume to continue it, "
+                                "or choose another --out")
+        if info.is_main:  # only now: a refused start must not overwrite the existing run's config
+            save_resolved(run.cfg, out_dir)
+        log = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if resume else None, enabled=info.is_main)
     net = DistributedDataParallel(model) if info.enabled else model
+    # under DDP every parameter must get a gradient on every rank (see sadpipe.distributed)
+    touch = TouchEveryOutput(model, enabled=info.enabled)
     anchors = AnchorCache(model.layout, dev)
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if resume else None, enabled=info.is_main)
     if info.is_main:
         sizes = " + ".join(str(len(s.dataset)) for s in run.streams)
         print(f"[{run.tag}] {model.spec['arch']} {count_parameters(model) / 1e6:.2f}M params, {sizes} images, "
@@ -154,8 +163,10 @@ def fit(model: Detector, run: RunSpec, dev: torch.device, info: DistInfo, *, res
     net.train()
     while step < run.total_steps:
         batch = next(iters[step % n])
-        with autocast(dev, tcfg["amp"]):
+        with autocast(dev, tcfg["amp"]), touch:
             loss, terms = run.loss_fn(net, batch, anchors)
+        if touch.enabled:
+            loss = loss + touch.zero_term()  # exactly 0, with exactly 0 gradients: only DDP notices it
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {loss.item()} at step {step}; lower the learning rate "
                                 "(or distill.loss_weight) or check the data")
@@ -174,24 +185,26 @@ def fit(model: Detector, run: RunSpec, dev: torch.device, info: DistInfo, *, res
         bar.set_postfix(loss=f"{terms['loss']:.3f}", refresh=False)
         log.write({"step": step, "epoch": (step - 1) // steps_per_epoch, "stream": (step - 1) % n, "lr": lr_used,
                    **terms, "images_per_s": speed.images_per_s})
+        # rank 0 saves (and evaluates) while the others wait: a failure there must reach them
         if step % steps_per_epoch == 0:
             epoch = step // steps_per_epoch
-            save_state(f"checkpoint_epoch{epoch}")
-            every = tcfg["eval_every_epochs"]
-            if every and epoch % every == 0 and step < run.total_steps and run.evaluate and info.is_main:
-                log.write({"step": step, "epoch": epoch, "eval": run.evaluate(model, None)})
-                net.train()
-            barrier(info)
+            with fail_together(info):
+                save_state(f"checkpoint_epoch{epoch}")
+                every = tcfg["eval_every_epochs"]
+                if every and epoch % every == 0 and step < run.total_steps and run.evaluate and info.is_main:
+                    log.write({"step": step, "epoch": epoch, "eval": run.evaluate(model, None)})
+                    net.train()
         elif tcfg["checkpoint_every_steps"] and step % tcfg["checkpoint_every_steps"] == 0:
-            save_state(None)
+            with fail_together(info):
+                save_state(None)
     bar.close()
     train_seconds = time.perf_counter() - t_start
-    save_state(None)
     summary = {"role": run.tag, "arch": model.spec["arch"], "params": count_parameters(model), "steps": step,
                "train_seconds": train_seconds, "images_per_s": speed.images_per_s, **run.extra}
-    if info.is_main:
-        save_checkpoint(out_dir / "final.pt", model, {"step": step, **run.extra})
-        if run.evaluate:
-            summary["metrics"] = run.evaluate(model, out_dir / "eval.json")
-    barrier(info)
+    with fail_together(info):
+        save_state(None)
+        if info.is_main:
+            save_checkpoint(out_dir / "final.pt", model, {"step": step, **run.extra})
+            if run.evaluate:
+                summary["metrics"] = run.evaluate(model, out_dir / "eval.json")
     return summary
