@@ -19,8 +19,9 @@ Two problems, two tools:
     gradient on every rank and nothing any loss computes changes.
 
 Not covered: a rank that fails between two agreements while the others are in another
-collective (a batch it cannot read or a non-finite loss inside the DDP step loop, an image
-``--strict`` refuses in its dump shards). Its message is in its own output; the others fail at
+collective (a batch it cannot read or a non-finite loss inside the DDP step loop; the dump's
+shard loop runs no collective, so it is one agreement block and an image ``--strict`` refuses on
+any rank stops them all). Its message is in its own output; the others fail at
 once with gloo ("Connection closed by peer"), and with NCCL wait until torchrun stops them
 (torchrun ends every worker of a node when one exits) or the process-group timeout.
 """

@@ -37,7 +37,7 @@ from .distributed import fail_together
 from .labeling import postprocess
 from .models import Detector, file_sha256, load_detector
 from .predict import AnchorCache, autocast
-from .training import DistInfo, barrier, init_distributed, progress_bar, select_device
+from .training import DistInfo, init_distributed, progress_bar, select_device
 from .transforms import Preprocess, geometry_from_config, hflip
 
 VIEWS = ("orig", "hflip")
@@ -373,32 +373,33 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
     finish = partial(finish_batch, codec=codec, anchors=anchor_cache, layout=layout, detect_cfg=cfg["detect"],
                      with_box_regression=with_box_regression)
     failed, t0 = 0, time.perf_counter()
-    try:
-        for shard, items in zip(shards, loader):
-            ok_items = [it for it in items if not it["failure"]]
-            if strict and len(ok_items) < len(items):
-                bad = next(it for it in items if it["failure"])
-                raise ImageReadError(bad["path"], f"{bad['failure']} (image id {bad['image_id']})",
-                                     "Fix or remove the file, or run without --strict to record it as failed.")
-            failed += len(items) - len(ok_items)
-            per_view: dict[str, dict[int, ViewResult]] = {v: {} for v in views}
-            for v in views:
-                for chunk, padded, cls_logits, bbox in forward_batches(teacher, ok_items, v, dev,
-                                                                       batch_size=d["batch_size"], amp=True):
-                    if overlap:
-                        background.put(lambda out=per_view[v], a=(chunk, padded, cls_logits, bbox): out.update(finish(*a)))
-                    else:
-                        per_view[v].update(finish(chunk, padded, cls_logits, bbox))
-            background.put(lambda shard=shard, items=items, per_view=per_view:
-                           writer.write_shard(shard, shard_results(items, per_view, layout)))
-            bar.update(len(items))
-    finally:
+    # a failure on any rank (e.g. an image --strict refuses) stops every rank with its message
+    with fail_together(info):
         try:
-            background.close()
+            for shard, items in zip(shards, loader):
+                ok_items = [it for it in items if not it["failure"]]
+                if strict and len(ok_items) < len(items):
+                    bad = next(it for it in items if it["failure"])
+                    raise ImageReadError(bad["path"], f"{bad['failure']} (image id {bad['image_id']})",
+                                         "Fix or remove the file, or run without --strict to record it as failed.")
+                failed += len(items) - len(ok_items)
+                per_view: dict[str, dict[int, ViewResult]] = {v: {} for v in views}
+                for v in views:
+                    for chunk, padded, cls_logits, bbox in forward_batches(teacher, ok_items, v, dev,
+                                                                           batch_size=d["batch_size"], amp=True):
+                        if overlap:
+                            background.put(lambda out=per_view[v], a=(chunk, padded, cls_logits, bbox): out.update(finish(*a)))
+                        else:
+                            per_view[v].update(finish(chunk, padded, cls_logits, bbox))
+                background.put(lambda shard=shard, items=items, per_view=per_view:
+                               writer.write_shard(shard, shard_results(items, per_view, layout)))
+                bar.update(len(items))
         finally:
-            bar.close()
+            try:
+                background.close()
+            finally:
+                bar.close()
     seconds = time.perf_counter() - t0
-    barrier(info)
     summary = {"rank": info.rank, "images": todo, "failed": failed, "seconds": seconds, "fit_seconds": fit_seconds,
                "images_per_s": todo / seconds if seconds > 0 else 0.0}
     with fail_together(info):

@@ -291,3 +291,18 @@ def test_dumping_into_a_directory_that_is_not_a_store_stops_every_rank(toy_root,
                              "--limit", "4", overrides=tiny_overrides(toy_root)), tmp_path)
     _assert_every_rank_refuses(results, "is not a sadpipe teacher cache")
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_image_strict_refuses_on_rank_1_stops_every_rank(toy_root, small_store, tmp_path):
+    # plan positions 0..3 in shards of 2: shard 0 is rank 0's, shard 1 (positions 2, 3) rank 1's;
+    # position 2 is an unreadable file, so only rank 1 meets it, inside its shard loop
+    ann = json.loads((toy_root / "train" / "annotations.json").read_text())
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"not a png at all")
+    ann["images"][2]["file_name"] = str(bad)
+    (tmp_path / "train.json").write_text(json.dumps(ann))
+    overrides = tiny_overrides(toy_root) + [f"data.train_annotations={json.dumps(str(tmp_path / 'train.json'))}",
+                                            "dump.images_per_shard=2"]
+    results = run_ranks(_cli("dump-teacher", "--teacher", str(small_store["teacher"]), "--out",
+                             str(tmp_path / "strict.zarr"), "--limit", "4", "--strict", overrides=overrides), tmp_path)
+    _assert_every_rank_refuses(results, "corrupt.png")
