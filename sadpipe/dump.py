@@ -167,7 +167,7 @@ def finish_batch(chunk: list[dict], padded: tuple[int, int], cls_logits: torch.T
                        detections_per_img=detect_cfg["detections_per_img"],
                        topk_candidates=detect_cfg["topk_candidates"])
     return {item["index"]: ViewResult(
-        cls_codes=targets.compact_from_codes(codes[i]), box_regression=None if boxes16 is None else boxes16[i],
+        cls_codes=targets.compact_from_codes(codes[i], codec.zstd_level), box_regression=None if boxes16 is None else boxes16[i],
         det_boxes=dets[i]["boxes"].cpu().numpy().astype(np.float32),
         det_scores=dets[i]["scores"].cpu().numpy().astype(np.float32),
         det_labels=dets[i]["labels"].cpu().numpy()) for i, item in enumerate(chunk)}

@@ -10,8 +10,10 @@ proportional to the entries above the background bin. This module keeps only tho
   ``p_{-1} = -1``, so every gap is >= 1) in uint16, and their codes in uint8. A gap larger than
   65535 is bridged by *filler* entries ``(65535, code 0)``: code 0 decodes to the background
   value, which is what an unlisted entry decodes to anyway, so fillers change nothing.
-- **dense**: the whole ``[A * K]`` code array, used when the sparse form would be larger (more
-  than a third of the entries above the background bin: 3 bytes per entry against 1).
+- **dense**: the whole ``[A * K]`` code array, used when the sparse form would be larger: always
+  past a third of the entries above the background bin (3 bytes per entry against 1), and past a
+  twelfth when zstd compresses the dense codes smaller (teachers whose entries above the bin
+  cluster in space compress well as dense runs; both forms are compressed and compared then).
 
 Either way the image carries one float32 ``background``: the logit its code 0 decodes to
 (:meth:`codec.background_logit`, which may depend on the image's code counts). Decoding is a
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numcodecs import Zstd
 
 MAX_GAP = 65535  # the largest gap one uint16 delta holds
 SPARSE, DENSE = 0, 1  # the per-image ``encoding`` values stored in the cache
@@ -98,25 +101,39 @@ def sparse_entries(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out_deltas, out_codes
 
 
-def choose_encoding(num_nonzero: int, num_values: int) -> int:
-    """SPARSE unless its 3 bytes per entry exceed the dense form's 1 byte per value."""
-    return SPARSE if 3 * num_nonzero < num_values else DENSE
+def choose_encoding(num_entries: int, num_values: int) -> int | None:
+    """SPARSE or DENSE from the sizes alone, or None when only the compressed sizes can tell:
+    sparse costs 3 bytes per entry, dense 1 per value; below a quarter of that (a twelfth of the
+    values above the background bin) sparse always compressed smaller in our measurements."""
+    if 3 * num_entries >= num_values:
+        return DENSE
+    if 12 * num_entries < num_values:
+        return SPARSE
+    return None
 
 
-def compact_from_codes(codes: torch.Tensor | np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+def compact_from_codes(codes: torch.Tensor | np.ndarray, zstd_level: int = 3) -> tuple[int, np.ndarray, np.ndarray]:
     """(encoding, deltas uint16 [M], codes uint8 [M] or [A*K]) as numpy for the store writer.
 
     Args:
         codes: uint8 [A, K] (numpy, or a torch tensor on any device: the sparse extraction runs
-            there and only the compact arrays are copied to the host).
+            there and only the compact arrays are copied to the host, unless the choice between
+            the forms needs the dense codes compressed).
+        zstd_level: the store's zstd level, for comparing compressed sizes (see choose_encoding).
     """
     t = torch.from_numpy(np.ascontiguousarray(codes)) if isinstance(codes, np.ndarray) else codes
     if t.dtype != torch.uint8 or t.dim() != 2:
         raise ValueError(f"codes must be uint8 [A, K], got {t.dtype} {list(t.shape)}")
     deltas, values = sparse_entries(t)
-    if choose_encoding(values.numel(), t.numel()) == DENSE:
-        return DENSE, np.zeros(0, np.uint16), t.reshape(-1).cpu().numpy()
-    return SPARSE, deltas.cpu().numpy().astype(np.uint16), values.cpu().numpy()
+    encoding = choose_encoding(values.numel(), t.numel())
+    sparse = (SPARSE, deltas.cpu().numpy().astype(np.uint16), values.cpu().numpy())
+    if encoding == SPARSE:
+        return sparse
+    dense = (DENSE, np.zeros(0, np.uint16), t.reshape(-1).cpu().numpy())
+    if encoding == DENSE:
+        return dense
+    zstd = Zstd(level=zstd_level)
+    return min((sparse, dense), key=lambda form: len(zstd.encode(pack(*form))))
 
 
 def code_counts(codes: np.ndarray, num_values: int) -> tuple[int, int]:
