@@ -89,13 +89,48 @@ def _what_it_is(keys: list[str]) -> str:
     return f"parts {sorted({'.'.join(k.split('.')[:2]) for k in keys})[:8]}"
 
 
-def rename_state(state: dict, path: Path) -> tuple[dict, dict, dict]:
-    """(weights in torchvision names, torchvision name -> file name, the non-weight buffers found)."""
+def _inverse_stage(m: re.Match) -> str:
+    rest = m.group(3)
+    rest = re.sub(r"^bn([1-3])\.", r"conv\1.norm.", rest)
+    rest = re.sub(r"^downsample\.0\.", "shortcut.", rest)
+    rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
+    return f"backbone.bottom_up.res{int(m.group(1)) + 1}.{m.group(2)}.{rest}"
+
+
+_INVERSE = [
+    (re.compile(r"^backbone\.body\.conv1\.weight$"), lambda m: "backbone.bottom_up.stem.conv1.weight"),
+    (re.compile(r"^backbone\.body\.bn1\.(\w+)$"), lambda m: f"backbone.bottom_up.stem.conv1.norm.{m.group(1)}"),
+    (re.compile(r"^backbone\.body\.layer([1-4])\.(\d+)\.(.+)$"), _inverse_stage),
+    (re.compile(r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.(\w+)$"),
+     lambda m: f"backbone.fpn_lateral{int(m.group(1)) + 3}.{m.group(2)}"),
+    (re.compile(r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.(\w+)$"),
+     lambda m: f"backbone.fpn_output{int(m.group(1)) + 3}.{m.group(2)}"),
+    (re.compile(r"^backbone\.fpn\.extra_blocks\.(p[67])\.(\w+)$"), lambda m: f"backbone.top_block.{m.group(1)}.{m.group(2)}"),
+    (re.compile(r"^head\.classification_head\.conv\.(\d+)\.0\.(\w+)$"),
+     lambda m: f"head.cls_subnet.{2 * int(m.group(1))}.{m.group(2)}"),
+    (re.compile(r"^head\.regression_head\.conv\.(\d+)\.0\.(\w+)$"),
+     lambda m: f"head.bbox_subnet.{2 * int(m.group(1))}.{m.group(2)}"),
+    (re.compile(r"^head\.classification_head\.cls_logits\.(\w+)$"), lambda m: f"head.cls_score.{m.group(1)}"),
+    (re.compile(r"^head\.regression_head\.bbox_reg\.(\w+)$"), lambda m: f"head.bbox_pred.{m.group(1)}"),
+]
+
+
+def file_name(key: str) -> str:
+    """detectron2's name of a torchvision-named parameter (for messages)."""
+    for pattern, target in _INVERSE:
+        m = pattern.match(key)
+        if m:
+            return target(m)
+    return key
+
+
+def rename_state(state: dict, path: Path) -> tuple[dict, dict]:
+    """(weights in torchvision names, the non-weight buffers found: pixel_mean/std, cell anchors)."""
     keys = list(state)
     if "head.cls_score.weight" not in state or "head.bbox_pred.weight" not in state:
         raise CheckpointError(f"{path}: not a detectron2 RetinaNet (no head.cls_score / head.bbox_pred): it has "
                               f"{_what_it_is(keys)}")
-    out, names, buffers, unknown = {}, {}, {}, []
+    out, buffers, unknown = {}, {}, []
     for key, value in state.items():
         if _NON_WEIGHTS.match(key):
             buffers[key] = value
@@ -103,15 +138,14 @@ def rename_state(state: dict, path: Path) -> tuple[dict, dict, dict]:
         for pattern, target in _RULES:
             m = pattern.match(key)
             if m:
-                new = target(m)
-                out[new], names[new] = value, key
+                out[target(m)] = value
                 break
         else:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{path}: parameters sadpipe's RetinaNet has no place for: {unknown[:5]} "
                               "(a head with normalisation layers, deformable convs or another backbone?)")
-    return out, names, buffers
+    return out, buffers
 
 
 def detectron2_cell_anchors(level: int) -> torch.Tensor:
@@ -164,9 +198,9 @@ def convert_detectron2(path: str | Path, *, min_size: int = 800, max_size: int =
         raise CheckpointError(f"{path}: not a detectron2 checkpoint (expected {{'model': {{name: array}}}}; found keys "
                               f"{sorted(map(str, payload))[:8]})")
     state = as_tensor_state(state, path, "model")
-    renamed, names, buffers = rename_state(state, path)
+    renamed, buffers = rename_state(state, path)
     arch = resnet_arch(renamed, path)
-    shape = head_shape(renamed, path, names=names)
+    shape = head_shape(renamed, path, file_name=file_name)
     if shape["anchors_per_cell"] != len(ANCHOR_SCALES) * len(ASPECT_RATIOS):
         raise CheckpointError(f"{path}: the head has {shape['anchors_per_cell']} anchors per cell; detectron2's "
                               "RetinaNet default has 9 (3 sizes x 3 ratios)")
@@ -175,10 +209,9 @@ def convert_detectron2(path: str | Path, *, min_size: int = 800, max_size: int =
         if stored is not None and not torch.allclose(stored.float(), detectron2_cell_anchors(level), atol=1e-3):
             raise CheckpointError(f"{path}: anchor_generator.cell_anchors.{level} are not detectron2's default "
                                   f"RetinaNet anchors (sizes {ANCHOR_SIZES[level]} * 2^(k/3), ratios 0.5/1/2)")
-    for key, file_key in (("backbone.fpn.inner_blocks.2.0.weight", "backbone.fpn_lateral5.weight"),
-                          ("backbone.fpn.extra_blocks.p6.weight", "backbone.top_block.p6.weight")):
+    for key in ("backbone.fpn.inner_blocks.2.0.weight", "backbone.fpn.extra_blocks.p6.weight"):
         if key not in renamed:
-            raise CheckpointError(f"{path}: missing key {file_key!r}")
+            raise CheckpointError(f"{path}: missing key {file_name(key)!r}")
     c5 = renamed["backbone.fpn.inner_blocks.2.0.weight"].shape[1]
     p6_reads = renamed["backbone.fpn.extra_blocks.p6.weight"].shape[1]
     if p6_reads not in (c5, shape["fpn_channels"]):
@@ -197,10 +230,10 @@ def convert_detectron2(path: str | Path, *, min_size: int = 800, max_size: int =
     renamed = permute_head_outputs(renamed, anchor_order=anchor_order())
     model = build_converted(renamed, path, arch=arch, num_classes=shape["num_classes"],
                             fpn_channels=shape["fpn_channels"], layout=layout, preprocess=preprocess,
-                            structure=structure, category_ids=ids, class_names=cnames, names=names)
+                            structure=structure, category_ids=ids, class_names=cnames, file_name=file_name)
     provenance = {"source": "detectron2", "normalisation": normalisation_from, "classes": classes_from,
                   "anchor_order": "detectron2's (size outer) head channels permuted to torchvision's (ratio outer)"}
     return model, provenance
 
 
-__all__ = ["convert_detectron2", "rename_state", "anchor_order", "detectron2_cell_anchors", "PIXEL_MEAN_BGR"]
+__all__ = ["convert_detectron2", "rename_state", "file_name", "anchor_order", "detectron2_cell_anchors", "PIXEL_MEAN_BGR"]

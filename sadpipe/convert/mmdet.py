@@ -180,27 +180,47 @@ def _what_it_is(keys: list[str]) -> str:
     return f"parts {parts[:8]}"
 
 
-def rename_state(state: dict, path: Path) -> tuple[dict, dict]:
-    """(state in torchvision names, torchvision name -> file name); unknown keys are refused, named."""
+_INVERSE = [
+    (re.compile(r"^backbone\.body\.(.+)$"), r"backbone.\1"),
+    (re.compile(r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.(\w+)$"), r"neck.lateral_convs.\1.conv.\2"),
+    (re.compile(r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.(\w+)$"), r"neck.fpn_convs.\1.conv.\2"),
+    (re.compile(r"^backbone\.fpn\.extra_blocks\.p6\.(\w+)$"), r"neck.fpn_convs.3.conv.\1"),
+    (re.compile(r"^backbone\.fpn\.extra_blocks\.p7\.(\w+)$"), r"neck.fpn_convs.4.conv.\1"),
+    (re.compile(r"^head\.classification_head\.conv\.(\d+)\.0\.(\w+)$"), r"bbox_head.cls_convs.\1.conv.\2"),
+    (re.compile(r"^head\.regression_head\.conv\.(\d+)\.0\.(\w+)$"), r"bbox_head.reg_convs.\1.conv.\2"),
+    (re.compile(r"^head\.classification_head\.cls_logits\.(\w+)$"), r"bbox_head.retina_cls.\1"),
+    (re.compile(r"^head\.regression_head\.bbox_reg\.(\w+)$"), r"bbox_head.retina_reg.\1"),
+]
+
+
+def file_name(key: str) -> str:
+    """MMDetection's name of a torchvision-named parameter (for messages)."""
+    for pattern, target in _INVERSE:
+        if pattern.match(key):
+            return pattern.sub(target, key)
+    return key
+
+
+def rename_state(state: dict, path: Path) -> dict:
+    """The state in torchvision names; unknown keys are refused, named."""
     keys = list(state)
     if "bbox_head.retina_cls.weight" not in state or "bbox_head.retina_reg.weight" not in state:
         raise CheckpointError(f"{path}: not a RetinaNet (no bbox_head.retina_cls / retina_reg): it has "
                               f"{_what_it_is(keys)}")
-    out, names, unknown = {}, {}, []
+    out, unknown = {}, []
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
         for pattern, target in _RULES:
             if pattern.match(key):
-                new = pattern.sub(target, key)
-                out[new], names[new] = value, key
+                out[pattern.sub(target, key)] = value
                 break
         else:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{path}: parameters sadpipe's RetinaNet has no place for: {unknown[:5]} "
                               "(a head with normalisation layers, deformable convs or another neck?)")
-    return out, names
+    return out
 
 
 # ---------------------------------------------------------------------------- the conversion
@@ -233,7 +253,7 @@ def convert_mmdet(path: str | Path, *, min_size: int = 800, max_size: int = 1333
     meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
     state = as_tensor_state(payload["state_dict"], path, "state_dict")
     settings, settings_from = _config_settings(meta, path)
-    renamed, names = rename_state(state, path)
+    renamed = rename_state(state, path)
 
     backbone, neck = settings["backbone"], settings["neck"]
     arch = resnet_arch(renamed, path)
@@ -256,11 +276,10 @@ def convert_mmdet(path: str | Path, *, min_size: int = 800, max_size: int = 1333
     p6_input = "c5" if extra == "on_input" else "p5"
     structure = {"fpn_p6_input": p6_input, "fpn_relu_before_p7": bool(neck.get("relu_before_extra_convs", False)),
                  "stride_in_1x1": style == "caffe" and arch in ("resnet50", "resnet101")}
-    shape = head_shape(renamed, path, names=names)
-    for key, file_key in (("backbone.fpn.inner_blocks.2.0.weight", "neck.lateral_convs.2.conv.weight"),
-                          ("backbone.fpn.extra_blocks.p6.weight", "neck.fpn_convs.3.conv.weight")):
+    shape = head_shape(renamed, path, file_name=file_name)
+    for key in ("backbone.fpn.inner_blocks.2.0.weight", "backbone.fpn.extra_blocks.p6.weight"):
         if key not in renamed:
-            raise CheckpointError(f"{path}: missing key {file_key!r}")
+            raise CheckpointError(f"{path}: missing key {file_name(key)!r}")
     c5 = renamed["backbone.fpn.inner_blocks.2.0.weight"].shape[1]
     p6_reads = renamed["backbone.fpn.extra_blocks.p6.weight"].shape[1]
     if p6_reads != (c5 if p6_input == "c5" else shape["fpn_channels"]):
@@ -284,9 +303,9 @@ def convert_mmdet(path: str | Path, *, min_size: int = 800, max_size: int = 1333
         renamed = permute_head_outputs(renamed, class_order=order)
     model = build_converted(renamed, path, arch=arch, num_classes=shape["num_classes"],
                             fpn_channels=shape["fpn_channels"], layout=layout, preprocess=preprocess,
-                            structure=structure, category_ids=ids, class_names=cnames, names=names)
+                            structure=structure, category_ids=ids, class_names=cnames, file_name=file_name)
     provenance = {"source": "mmdet", "settings": settings_from, "classes": classes_from, "style": style}
     return model, provenance
 
 
-__all__ = ["convert_mmdet", "class_names", "read_config_text", "rename_state", "ZOO_RETINANET"]
+__all__ = ["convert_mmdet", "class_names", "read_config_text", "rename_state", "file_name", "ZOO_RETINANET"]

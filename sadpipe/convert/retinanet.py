@@ -9,7 +9,7 @@ anchors and classes in sadpipe's order, and a strict load that names whatever do
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -40,27 +40,27 @@ def resnet_arch(state: Mapping[str, torch.Tensor], path: Path) -> str:
     return arch
 
 
-def head_shape(state: Mapping[str, torch.Tensor], path: Path, *, names: dict[str, str]) -> dict:
+def head_shape(state: Mapping[str, torch.Tensor], path: Path, *, file_name: Callable[[str], str]) -> dict:
     """fpn_channels, anchors_per_cell and num_classes read from the renamed state, every width checked.
 
-    ``names`` maps torchvision names back to the file's, for messages.
+    ``file_name`` maps a torchvision name back to the file's, for messages.
     """
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
-            raise CheckpointError(f"{path}: missing key {names.get(key, key)!r}")
+            raise CheckpointError(f"{path}: missing key {file_name(key)!r}")
         return tuple(state[key].shape)
 
     ch = shape("backbone.fpn.inner_blocks.0.0.weight")[0]
     for branch in ("classification_head", "regression_head"):
         convs = {int(m.group(1)) for k in state if (m := re.match(rf"head\.{branch}\.conv\.(\d+)\.", k))}
         if convs != set(range(HEAD_CONVS)):
-            file_key = re.sub(r"\.\d+\..*$", "", names.get(f"head.{branch}.conv.0.0.weight", branch))
+            file_key = re.sub(r"\.\d+\..*$", "", file_name(f"head.{branch}.conv.0.0.weight"))
             raise CheckpointError(f"{path}: head branch {file_key!r} has {len(convs)} convs; "
                                   f"sadpipe's RetinaNet head has {HEAD_CONVS}")
         for i in range(HEAD_CONVS):
             key = f"head.{branch}.conv.{i}.0.weight"
             if shape(key) != (ch, ch, 3, 3):
-                raise CheckpointError(f"{path}: {names.get(key, key)} has shape {list(shape(key))}; sadpipe's head "
+                raise CheckpointError(f"{path}: {file_name(key)} has shape {list(shape(key))}; sadpipe's head "
                                       f"needs 3x3 convs of the FPN width {ch} ({ch}x{ch}x3x3)")
     box = shape("head.regression_head.bbox_reg.weight")
     cls = shape("head.classification_head.cls_logits.weight")
@@ -134,7 +134,7 @@ def permute_head_outputs(state: dict, *, anchor_order: Sequence[int] | None = No
 
 def build_converted(state: dict, path: Path, *, arch: str, num_classes: int, fpn_channels: int,
                     layout: AnchorLayout, preprocess: Preprocess, structure: dict, category_ids: list[int],
-                    class_names: list[str], names: dict[str, str]) -> Detector:
+                    class_names: list[str], file_name: Callable[[str], str]) -> Detector:
     """A Detector with every parameter and buffer from ``state`` (torchvision names); nothing may be left over."""
     spec = default_spec(arch, num_classes, layout, preprocess, fpn_channels=fpn_channels, backbone_norm="frozen_bn",
                         head_norm="none", category_ids=category_ids, class_names=class_names, **structure)
@@ -142,13 +142,13 @@ def build_converted(state: dict, path: Path, *, arch: str, num_classes: int, fpn
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     missing = [k for k in expected if k not in state]
-    unexpected = [names.get(k, k) for k in state if k not in expected]
+    unexpected = [file_name(k) for k in state if k not in expected]
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not fit a {arch} RetinaNet: missing "
-                              f"{[names.get(k, k) for k in missing][:5]}, unexpected {unexpected[:5]}")
+                              f"{[file_name(k) for k in missing][:5]}, unexpected {unexpected[:5]}")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{path}: {names.get(key, key)} has shape {list(value.shape)}, a {arch} RetinaNet "
+            raise CheckpointError(f"{path}: {file_name(key)} has shape {list(value.shape)}, a {arch} RetinaNet "
                                   f"needs {list(expected[key].shape)}")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
