@@ -324,7 +324,7 @@ def import_checkpoint_cmd(src, dst, source, arch, num_classes, coco91_to_80, con
         return
     from .convert import categories_from_file, convert_with_provenance, geometry_settings
     if arch or num_classes or coco91_to_80:
-        raise ConfigError(f"--arch, --num-classes and --coco91-to-80 are for torchvision; a {source} checkpoint "
+        raise ConfigError(f"--arch, --num-classes and --coco91-to-80 are for torchvision; a checkpoint from {source} "
                           "brings its own")
     options = {}
     if cfg:

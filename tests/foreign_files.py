@@ -76,3 +76,17 @@ def write_mmdet_checkpoint(path: Path, model: Detector, classes, **meta) -> Path
     torch.save({"state_dict": mmdet_names(model.state_dict()),
                 "meta": {"dataset_meta": {"classes": tuple(classes)}, **meta}}, path)
     return path
+
+
+def assert_same_detections(mine: dict, theirs: dict, *, score_tol: float = 1e-5, box_tol: float = 1e-3) -> None:
+    """One-to-one: each detection has a counterpart with its label, score and box (pixels) within tolerance.
+
+    Matched as sets, since two scores equal to float precision may come out in either order.
+    """
+    assert len(mine["scores"]) == len(theirs["scores"])
+    unused = list(range(len(theirs["scores"])))
+    for box, score, label in zip(mine["boxes"], mine["scores"], mine["labels"]):
+        match = next((j for j in unused if theirs["labels"][j] == label and abs(theirs["scores"][j] - score) < score_tol
+                      and (theirs["boxes"][j] - box).abs().max() < box_tol), None)
+        assert match is not None, f"no counterpart for detection {box.tolist()} {float(score)} {int(label)}"
+        unused.remove(match)

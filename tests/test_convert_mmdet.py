@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from foreign_files import assert_same_detections
 
 
 def _register_mmcv_ext_stand_in() -> None:
@@ -166,21 +167,7 @@ def test_anchors_head_outputs_and_detections_equal_mmdet(case):
         detect["score_thresh"], detect["nms_thresh"], detect["detections_per_img"], detect["topk_candidates"])
     mine = postprocess(cls, box, ours.layout.anchors((h, w)), [(h, w)], ours.layout.anchors_per_level((h, w)))[0]
     assert len(theirs.bboxes) == len(mine["boxes"]) > 20
-    _assert_same_detections(mine, {"boxes": theirs.bboxes, "scores": theirs.scores, "labels": theirs.labels})
-
-
-def _assert_same_detections(mine: dict, theirs: dict) -> None:
-    """One-to-one: each detection has a counterpart with its label, score (1e-5) and box (1e-3 px).
-
-    Matched as sets, since two scores equal to float precision may come out in either order.
-    """
-    unused = list(range(len(theirs["scores"])))
-    for box, score, label in zip(mine["boxes"], mine["scores"], mine["labels"]):
-        match = next((j for j in unused if theirs["labels"][j] == label and abs(theirs["scores"][j] - score) < 1e-5
-                      and (theirs["boxes"][j] - box).abs().max() < 1e-3), None)
-        assert match is not None, f"no MMDetection detection like {box.tolist()} {float(score)} {int(label)}"
-        unused.remove(match)
-    assert not unused
+    assert_same_detections(mine, {"boxes": theirs.bboxes, "scores": theirs.scores, "labels": theirs.labels})
 
 
 @pytest.mark.parametrize("config", ["retinanet_r50_fpn_1x_coco.py", "retinanet_r50-caffe_fpn_1x_coco.py"])
