@@ -214,10 +214,12 @@ class TrainingState:
         return record_side_effect, ("unpickled",)
 
 
-def test_training_checkpoint_loads_without_running_its_objects(coco_teacher, tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_training_checkpoint_loads_without_running_its_objects(coco_teacher, tmp_path, zip_format):
     path = tmp_path / "epoch_12.pth"
     torch.save({"state_dict": mmdet_names(coco_teacher.state_dict()), "message_hub": {"log": TrainingState()},
-                "meta": {"dataset_meta": {"classes": tuple(COCO_NAMES)}, "hist": np.arange(3)}}, path)
+                "meta": {"dataset_meta": {"classes": tuple(COCO_NAMES)}, "hist": np.arange(3)}}, path,
+               _use_new_zipfile_serialization=zip_format)  # legacy: how torch < 1.6 saved (old zoo files)
     with open(path, "rb") as f:  # proof the file does run code when loaded the ordinary way
         assert torch.load(f, weights_only=False)["message_hub"]["log"] == "unpickled"
     SIDE_EFFECTS.clear()

@@ -24,6 +24,7 @@ from foreign_files import assert_same_detections
 from sadpipe.data.coco import COCO80_CATEGORY_IDS
 from sadpipe.labeling import decode_boxes, postprocess
 from sadpipe.models import CheckpointError, load_detector
+from sadpipe.transforms import Preprocess
 
 PIXEL_MEAN_BGR = [103.530, 116.280, 123.675]  # detectron2 config/defaults.py
 PIXEL_STD = [1.0, 1.0, 1.0]
@@ -191,6 +192,13 @@ def files(weights, tmp_path_factory):
     return {"pkl": d / "model_final.pkl", "pth": d / "model_final.pth", "numpy_pth": d / "numpy_arrays.pth"}
 
 
+def _write(tmp_path, state, name="model.pkl"):
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        pickle.dump({"model": state}, f)
+    return path
+
+
 def _image() -> np.ndarray:
     return np.random.default_rng(5).integers(0, 256, size=(H, W, 3), dtype=np.uint8)  # RGB, as sadpipe reads images
 
@@ -244,6 +252,17 @@ def test_pkl_and_pth_files_give_the_same_model(files):
         assert torch.equal(states["pth"][key], value) and torch.equal(states["numpy_pth"][key], value), key
 
 
+def test_a_pkl_written_by_numpy_1_reads(weights, tmp_path):
+    """Zoo .pkl files predate numpy 2: their arrays name numpy.core.multiarray, not numpy._core.multiarray."""
+    data = pickle.dumps({"model": weights}, protocol=2)  # GLOBAL opcodes hold the module name as text
+    old = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert old != data and b"numpy._core" not in old
+    path = tmp_path / "numpy1.pkl"
+    path.write_bytes(old)
+    ours = load_detector(path, source="detectron2")
+    assert torch.equal(ours.backbone.body.conv1.weight, torch.from_numpy(weights["backbone.bottom_up.stem.conv1.weight"]))
+
+
 def test_stored_pixel_mean_std_and_cell_anchors(weights, tmp_path):
     """Older detectron2 files keep pixel_mean / pixel_std and the cell anchors as buffers: used and checked."""
     rgb_mean, rgb_std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]  # a torchvision-initialised model
@@ -262,6 +281,11 @@ def test_stored_pixel_mean_std_and_cell_anchors(weights, tmp_path):
     np.testing.assert_allclose(pre.image_mean, rgb_mean, rtol=1e-6)
     np.testing.assert_allclose(pre.image_std, rgb_std, rtol=1e-6)
     assert "stride_in_1x1" not in ours.spec
+    # the same numbers given to the converter for a file without the buffers
+    given = load_detector(_write(tmp_path, weights), source="detectron2", channel_order="RGB", stride_in_1x1=False,
+                          pixel_mean=rgb_mean, pixel_std=rgb_std)
+    assert given.preprocess == Preprocess(800, 1333, image_mean=tuple(rgb_mean), image_std=tuple(rgb_std),
+                                          pixel_scale=255)
 
     extra["anchor_generator.cell_anchors.2"] = np.round(extra["anchor_generator.cell_anchors.2"])  # torchvision's
     with open(path, "wb") as f:
@@ -271,11 +295,8 @@ def test_stored_pixel_mean_std_and_cell_anchors(weights, tmp_path):
 
 
 def test_other_kinds_are_refused(weights, tmp_path):
-    def write(state, name="bad.pkl"):
-        path = tmp_path / name
-        with open(path, "wb") as f:
-            pickle.dump({"model": state}, f)
-        return path
+    def write(state):
+        return _write(tmp_path, state, "bad.pkl")
 
     backbone = {k: v for k, v in weights.items() if k.startswith("backbone.")}
     z = np.zeros(1, np.float32)

@@ -166,14 +166,19 @@ def anchor_order() -> list[int]:
     return [s * n_ratios + r for r in range(n_ratios) for s in range(n_scales)]
 
 
-def _preprocess(buffers: dict, channel_order: str, sizes: dict, path: Path) -> tuple[Preprocess, str]:
+def _preprocess(buffers: dict, channel_order: str, pixel_mean, pixel_std, sizes: dict,
+                path: Path) -> tuple[Preprocess, str]:
     mean, std, how = PIXEL_MEAN_BGR, PIXEL_STD, "detectron2's default PIXEL_MEAN / PIXEL_STD"
     if "pixel_mean" in buffers and "pixel_std" in buffers:
         mean = tuple(float(v) for v in buffers["pixel_mean"].reshape(-1))
         std = tuple(float(v) for v in buffers["pixel_std"].reshape(-1))
         how = "pixel_mean / pixel_std stored in the file"
-        if len(mean) != 3 or len(std) != 3:
-            raise CheckpointError(f"{path}: pixel_mean {list(mean)} / pixel_std {list(std)}: expected 3 values each")
+    if pixel_mean is not None or pixel_std is not None:
+        mean = tuple(float(v) for v in pixel_mean) if pixel_mean is not None else mean
+        std = tuple(float(v) for v in pixel_std) if pixel_std is not None else std
+        how = "pixel mean / std given to the converter"
+    if len(mean) != 3 or len(std) != 3:
+        raise CheckpointError(f"{path}: pixel mean {list(mean)} / std {list(std)}: expected 3 values each")
     try:
         return Preprocess(**sizes, image_mean=mean, image_std=std, channel_order=channel_order, pixel_scale=255.0), how
     except ValueError as e:
@@ -181,12 +186,15 @@ def _preprocess(buffers: dict, channel_order: str, sizes: dict, path: Path) -> t
 
 
 def convert_detectron2(path: str | Path, *, min_size: int = 800, max_size: int = 1333, pad_divisor: int = 128,
-                       categories=None, stride_in_1x1: bool = True,
-                       channel_order: str = "BGR") -> tuple[Detector, dict]:
+                       categories=None, stride_in_1x1: bool = True, channel_order: str = "BGR",
+                       pixel_mean=None, pixel_std=None) -> tuple[Detector, dict]:
     """(Detector computing what detectron2 computes, provenance dict) from a detectron2 ``.pkl`` / ``.pth``.
 
     ``categories``: COCO ``{"id", "name"}`` dicts of the training dataset (default COCO's 80; the head's
-    labels follow their sorted ids, as detectron2's COCO loader makes them).
+    labels follow their sorted ids, as detectron2's COCO loader makes them). ``stride_in_1x1``,
+    ``channel_order``, ``pixel_mean`` and ``pixel_std`` are the model's MODEL.RESNETS.STRIDE_IN_1X1,
+    INPUT.FORMAT, MODEL.PIXEL_MEAN and MODEL.PIXEL_STD when they are not detectron2's defaults
+    (``pixel_mean`` / ``pixel_std`` default to the file's buffers when it has them).
     """
     path = Path(path)
     payload = read_checkpoint_file(path)
@@ -220,7 +228,7 @@ def convert_detectron2(path: str | Path, *, min_size: int = 800, max_size: int =
     structure = {"fpn_p6_input": "c5" if p6_reads == c5 else "p5", "fpn_relu_before_p7": True,
                  "stride_in_1x1": bool(stride_in_1x1) and bottleneck}
     sizes = {"min_size": min_size, "max_size": max_size, "pad_divisor": pad_divisor}
-    preprocess, normalisation_from = _preprocess(buffers, channel_order, sizes, path)
+    preprocess, normalisation_from = _preprocess(buffers, channel_order, pixel_mean, pixel_std, sizes, path)
     try:
         layout = AnchorLayout(strides=STRIDES, sizes=ANCHOR_SIZES, aspect_ratios=ASPECT_RATIOS, scales=ANCHOR_SCALES,
                               pad_divisor=pad_divisor, rounded_anchors=False)

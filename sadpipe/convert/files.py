@@ -45,8 +45,9 @@ def _numpy_globals() -> dict[str, object]:
         out[f"{module}._reconstruct"] = multiarray._reconstruct
         out[f"{module}.scalar"] = multiarray.scalar
     # BUILD on a dtype instance checks the instance's concrete class (numpy >= 1.25: numpy.dtypes.*)
-    for name in dir(getattr(np, "dtypes", None)):
-        cls = getattr(np.dtypes, name)
+    dtypes = getattr(np, "dtypes", None)
+    for name in dir(dtypes) if dtypes is not None else []:
+        cls = getattr(dtypes, name)
         if isinstance(cls, type) and issubclass(cls, np.dtype) and name != "ObjectDType":
             out[f"numpy.dtypes.{name}"] = cls
     return out
