@@ -275,33 +275,68 @@ def cache_fidelity_cmd(store, teacher, images, student, config_path, overrides, 
 @main.command("import-checkpoint")
 @click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--from", "source", type=click.Choice(["torchvision", "mmdet", "detectron2"]), default="torchvision",
+              show_default=True, help="Framework that wrote SRC (docs/teachers.md).")
 @click.option("--arch", type=click.Choice(["retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "tiny", "resnet18",
-                                          "resnet34", "resnet50", "resnet101"]), required=True)
-@click.option("--num-classes", type=int, required=True, help="Output channels of the state dict's head (91 for COCO).")
-@click.option("--coco91-to-80", is_flag=True, help="Keep the 80 used COCO categories of a 91-channel head.")
+                                          "resnet34", "resnet50", "resnet101"]), default=None,
+              help="torchvision only (required there): the state dict's architecture.")
+@click.option("--num-classes", type=int, default=None,
+              help="torchvision only (required there): output channels of the head (91 for COCO).")
+@click.option("--coco91-to-80", is_flag=True, help="torchvision only: keep the 80 used COCO categories of a 91-channel head.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Take anchor layout and preprocessing from this pipeline (default: torchvision's 800/1333, 32-512).")
+              help="torchvision: anchor layout and preprocessing from this pipeline (default: torchvision's 800/1333, "
+                   "32-512). mmdet/detectron2: only min_size, max_size, pad_divisor (default 800, 1333, 128); anchors "
+                   "and normalisation are the framework's.")
+@click.option("--categories", "categories_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="mmdet/detectron2: a COCO annotation file whose categories the model was trained on "
+                   "(default: COCO's 80).")
 @_friendly_errors
-def import_checkpoint_cmd(src, dst, arch, num_classes, coco91_to_80, config_path):
-    """Turn a plain torchvision RetinaNet state dict into a self-describing sadpipe checkpoint.
+def import_checkpoint_cmd(src, dst, source, arch, num_classes, coco91_to_80, config_path, categories_path):
+    """Turn a torchvision, MMDetection or detectron2 RetinaNet into a self-describing sadpipe checkpoint.
 
-    The result works everywhere a checkpoint is taken (--teacher, evaluate, load_detector).
+    The result works everywhere a checkpoint is taken (--teacher, evaluate, load_detector). For
+    mmdet and detectron2 the command prints the [geometry] settings a pipeline needs to dump this
+    teacher and train students from its cache.
 
     \b
-    Example:
+    Examples:
       sadpipe import-checkpoint retinanet_resnet50_fpn_coco.pth r50_tv.pt --arch retinanet_resnet50_fpn \\
           --num-classes 91 --coco91-to-80 --config pipelines/coco_sad_r50.toml
+      sadpipe import-checkpoint --from mmdet retinanet_r101_fpn_2x_coco.pth r101_mmdet.pt
+      sadpipe import-checkpoint --from detectron2 model_final_971ab9.pkl r101_d2.pt --config pipelines/coco_sad_r50.toml
     """
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .models import load_detector, save_checkpoint
     from .transforms import geometry_from_config
-    layout = preprocess = None
-    if config_path:
-        layout, preprocess = geometry_from_config(load_config(config_path))
-    model = load_detector(src, arch=arch, num_classes=num_classes, layout=layout, preprocess=preprocess,
-                          coco91_to_80=coco91_to_80)
-    save_checkpoint(dst, model, {"imported_from": str(src)})
-    click.echo(f"wrote {dst}: {arch}, {model.num_classes} classes")
+    cfg = load_config(config_path) if config_path else None
+    if source == "torchvision":
+        if arch is None or num_classes is None:
+            raise ConfigError("--from torchvision needs --arch and --num-classes")
+        if categories_path:
+            raise ConfigError("--categories is for --from mmdet / detectron2; use --coco91-to-80 for torchvision")
+        layout = preprocess = None
+        if cfg:
+            layout, preprocess = geometry_from_config(cfg)
+        model = load_detector(src, arch=arch, num_classes=num_classes, layout=layout, preprocess=preprocess,
+                              coco91_to_80=coco91_to_80)
+        save_checkpoint(dst, model, {"imported_from": str(src)})
+        click.echo(f"wrote {dst}: {arch}, {model.num_classes} classes")
+        return
+    from .convert import categories_from_file, convert_with_provenance, geometry_settings
+    if arch or num_classes or coco91_to_80:
+        raise ConfigError(f"--arch, --num-classes and --coco91-to-80 are for torchvision; a checkpoint from {source} "
+                          "brings its own")
+    options = {}
+    if cfg:
+        options = {k: cfg["geometry"][k] for k in ("min_size", "max_size", "pad_divisor")}
+    if categories_path:
+        options["categories"] = categories_from_file(categories_path)
+    model, provenance = convert_with_provenance(src, source, **options)
+    save_checkpoint(dst, model, {"imported_from": str(src), "conversion": provenance})
+    click.echo(f"wrote {dst}: {source} {model.spec['arch']} RetinaNet, {model.num_classes} classes "
+               f"({provenance['classes']})")
+    click.echo("a pipeline that dumps this teacher (and its students) needs in [geometry]:")
+    click.echo(geometry_settings(model))
 
 
 @main.command("demo")

@@ -70,6 +70,11 @@ DEFAULTS: dict = {
         "scales": [1.0, 2 ** (1 / 3), 2 ** (2 / 3)],
         "image_mean": [0.485, 0.456, 0.406],
         "image_std": [0.229, 0.224, 0.225],
+        # teachers converted from MMDetection / detectron2 (docs/teachers.md): float anchor corners,
+        # detectron2's BGR pixels in 0-255
+        "rounded_anchors": True,
+        "channel_order": "RGB",
+        "pixel_scale": 1.0,
     },
     "detect": {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 100, "topk_candidates": 1000},
     "teacher": {"model": dict(_MODEL), "train": dict(_OPTIM)},

@@ -41,6 +41,12 @@ class AnchorLayout:
     Level l (P3..P7 by default) has stride ``strides[l]``, and per cell
     ``len(aspect_ratios) * len(scales)`` anchors of size ``sizes[l] * scale`` and aspect
     ratio h / w; anchor index inside a cell is ``ratio_index * len(scales) + scale_index``.
+
+    ``rounded_anchors`` (default True) rounds each cell anchor's corners to whole pixels, as
+    torchvision's AnchorGenerator does; MMDetection and detectron2 keep the float corners
+    (e.g. half-width 20.16 instead of 20 for size 32 * 2^(1/3) at ratio 1). Teachers converted
+    from those frameworks set it to False. Whatever the source framework's own per-cell order,
+    the head's anchor rows always follow the order above (converters permute head channels).
     """
 
     strides: tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -49,6 +55,7 @@ class AnchorLayout:
     scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
     pad_divisor: int = 128
     version: int = field(default=1)
+    rounded_anchors: bool = True
 
     def __post_init__(self) -> None:
         if len(self.strides) != len(self.sizes):
@@ -86,14 +93,16 @@ class AnchorLayout:
         return self.num_anchors((min(short, long), long))
 
     def cell_anchors(self, level: int) -> torch.Tensor:
-        """float32 [anchors_per_cell, 4]: anchors centred on (0, 0), rounded like torchvision."""
+        """float32 [anchors_per_cell, 4]: anchors centred on (0, 0), rounded like torchvision unless
+        ``rounded_anchors`` is False."""
         scales = torch.as_tensor([self.sizes[level] * s for s in self.scales], dtype=torch.float32)
         ratios = torch.as_tensor(self.aspect_ratios, dtype=torch.float32)
         h_ratios = torch.sqrt(ratios)
         w_ratios = 1 / h_ratios
         ws = (w_ratios[:, None] * scales[None, :]).view(-1)
         hs = (h_ratios[:, None] * scales[None, :]).view(-1)
-        return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+        corners = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return corners.round() if self.rounded_anchors else corners
 
     def anchors(self, padded_hw: tuple[int, int]) -> torch.Tensor:
         """float32 [num_anchors, 4] (x1, y1, x2, y2) for an image (or batch) padded to padded_hw."""
@@ -107,7 +116,11 @@ class AnchorLayout:
         return torch.cat(out)
 
     def to_dict(self) -> dict:
+        """JSON-able; options added after version 1 appear only when not at their default, so the
+        dict (and the fingerprint) of a default layout is what it always was."""
         d = asdict(self)
+        if self.rounded_anchors:
+            del d["rounded_anchors"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod

@@ -5,6 +5,13 @@ same attribute names as torchvision's ``RetinaNet`` (``backbone``, ``head``), so
 torchvision RetinaNet state dicts load into it. Preprocessing and anchors are not inside
 the model: they come from ``sadpipe.transforms.Preprocess`` and ``sadpipe.geometry.AnchorLayout``,
 both recorded in the checkpoint's ``spec`` so later stages rebuild everything from the file.
+
+Teachers converted from MMDetection or detectron2 (``sadpipe.convert``) need three structural
+options, stored in the spec only when they differ from the arch's default (so older specs are
+unchanged): ``fpn_p6_input`` ("p5" or "c5": which map P6's conv reads), ``fpn_relu_before_p7``
+(torchvision and detectron2 apply a ReLU to P6 before P7's conv, MMDetection does not) and
+``stride_in_1x1`` (detectron2's MSRA-style bottleneck strides in its first 1x1 conv, torchvision
+in the 3x3). Parameter names stay torchvision's, so the state dict layout is the same.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -66,8 +74,32 @@ def _head_norm(kind: str, channels: int):
     raise CheckpointError(f"unknown head_norm {kind!r}: use 'group' or 'none'")
 
 
+def _arch_structure_defaults(arch: str) -> dict:
+    """The structural options an arch has when its spec does not name them."""
+    return {"fpn_p6_input": "c5" if arch.endswith("_v2") else "p5", "fpn_relu_before_p7": True,
+            "stride_in_1x1": False}
+
+
+def _structure_options(arch: str, model_cfg: dict) -> dict:
+    """The structural options of model_cfg that differ from the arch's defaults (checked)."""
+    defaults = _arch_structure_defaults(arch)
+    chosen = {k: model_cfg.get(k, v) for k, v in defaults.items()}
+    if chosen["fpn_p6_input"] not in ("p5", "c5"):
+        raise CheckpointError(f"fpn_p6_input {chosen['fpn_p6_input']!r}: use 'p5' or 'c5'")
+    for key in ("fpn_relu_before_p7", "stride_in_1x1"):
+        if not isinstance(chosen[key], bool):
+            raise CheckpointError(f"{key} must be true or false, got {chosen[key]!r}")
+    options = {k: v for k, v in chosen.items() if v != defaults[k]}
+    if options and arch in TORCHVISION_ARCHS:
+        raise CheckpointError(f"{arch} is exactly torchvision's structure; use arch resnet50 for {options}")
+    if chosen["stride_in_1x1"] and arch not in ("resnet50", "resnet101"):
+        raise CheckpointError(f"stride_in_1x1 needs a bottleneck ResNet (resnet50, resnet101), not {arch}")
+    return options
+
+
 def default_spec(arch: str, num_classes: int, layout: AnchorLayout, preprocess: Preprocess, **model_cfg) -> dict:
-    """The spec dict a checkpoint stores; model_cfg takes the keys of the [*.model] config tables."""
+    """The spec dict a checkpoint stores; model_cfg takes the keys of the [*.model] config tables,
+    plus the structural options fpn_p6_input, fpn_relu_before_p7 and stride_in_1x1 (module docstring)."""
     if arch not in ARCHS:
         raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     spec = {
@@ -84,6 +116,7 @@ def default_spec(arch: str, num_classes: int, layout: AnchorLayout, preprocess: 
         # exactly torchvision's structure so its checkpoints load
         spec.update(fpn_channels=256, backbone_norm="frozen_bn",
                     head_norm="group" if arch.endswith("_v2") else "none")
+    spec.update(_structure_options(arch, model_cfg))
     return spec
 
 
@@ -112,6 +145,38 @@ class Detector(nn.Module):
         return out["cls_logits"], out["bbox_regression"]
 
 
+class PyramidTop(LastLevelP6P7):
+    """torchvision's P6/P7 block (same parameters ``p6``, ``p7``) with the input of P6 and the ReLU
+    before P7 chosen explicitly: MMDetection's RetinaNet takes P6 from C5 and has no ReLU there."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, from_c5: bool, relu_before_p7: bool):
+        super().__init__(in_channels, out_channels)
+        self.use_P5 = not from_c5
+        self.relu_before_p7 = relu_before_p7
+
+    def forward(self, p, c, names):
+        p6 = self.p6(p[-1] if self.use_P5 else c[-1])
+        p7 = self.p7(F.relu(p6) if self.relu_before_p7 else p6)
+        return p + [p6, p7], names + ["p6", "p7"]
+
+
+def _pyramid_top(spec: dict, c5: int, ch: int) -> LastLevelP6P7:
+    default_input = _arch_structure_defaults(spec["arch"])["fpn_p6_input"]
+    from_c5 = spec.get("fpn_p6_input", default_input) == "c5"
+    relu = spec.get("fpn_relu_before_p7", True)
+    if relu and from_c5 == (default_input == "c5"):
+        # the block each arch always had (LastLevelP6P7 itself reads P5 when its in and out widths agree)
+        return LastLevelP6P7(c5 if from_c5 else ch, ch)
+    return PyramidTop(c5 if from_c5 else ch, ch, from_c5=from_c5, relu_before_p7=relu)
+
+
+def _stride_in_1x1(body: nn.Module) -> None:
+    """Move the stride-2 of each stage's first bottleneck from its 3x3 conv to its 1x1 conv (MSRA ResNet)."""
+    for layer in (body.layer2, body.layer3, body.layer4):
+        block = layer[0]
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
 def _build_backbone(spec: dict) -> BackboneWithFPN:
     arch, ch = spec["arch"], spec["fpn_channels"]
     norm = FrozenBatchNorm2d if spec["backbone_norm"] == "frozen_bn" else nn.BatchNorm2d
@@ -119,7 +184,7 @@ def _build_backbone(spec: dict) -> BackboneWithFPN:
         body = TinyResNet(tuple(spec["tiny_widths"]))
         widths = spec["tiny_widths"]
         return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, list(widths[1:]), ch,
-                               extra_blocks=LastLevelP6P7(ch, ch))
+                               extra_blocks=_pyramid_top(spec, widths[-1], ch))
     name = "resnet50" if arch in TORCHVISION_ARCHS else arch
     body = RESNETS[name](weights=None, norm_layer=norm)
     if spec["backbone_norm"] == "frozen_bn":
@@ -127,11 +192,13 @@ def _build_backbone(spec: dict) -> BackboneWithFPN:
         for pname, param in body.named_parameters():
             if not pname.startswith(("layer2", "layer3", "layer4")):
                 param.requires_grad_(False)
+    if spec.get("stride_in_1x1", False):
+        _stride_in_1x1(body)
     c5 = body.fc.in_features
     in_channels = [c5 // 4, c5 // 2, c5]
-    # v2 computes P6 from C5, v1 and ours from P5 (REFERENCE section 3)
-    extra = LastLevelP6P7(c5, ch) if arch.endswith("_v2") else LastLevelP6P7(ch, ch)
-    return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, ch, extra_blocks=extra)
+    # v2 computes P6 from C5, v1 and ours from P5 (torchvision's retinanet_resnet50_fpn[_v2] builders)
+    return BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, ch,
+                           extra_blocks=_pyramid_top(spec, c5, ch))
 
 
 def build_detector(spec: dict, backbone_weights: str | Path | None = None) -> Detector:
@@ -173,6 +240,13 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def coco80_class_names() -> list[str]:
+    """The names of COCO80_CATEGORY_IDS, in that order (from torchvision's 91-slot list; no download)."""
+    from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+    names91 = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    return [names91[c] for c in COCO80_CATEGORY_IDS]
+
+
 def _map_coco91_to_80(state: dict, num_anchors: int) -> dict:
     """Keep the 80 used COCO channels of a 91-channel torchvision head (channel index = a * K + k)."""
     channels = torchvision_coco91_to_80_channels(COCO80_CATEGORY_IDS)
@@ -185,13 +259,25 @@ def _map_coco91_to_80(state: dict, num_anchors: int) -> dict:
 
 def load_detector(path: str | Path, arch: str | None = None, num_classes: int | None = None, *,
                   layout: AnchorLayout | None = None, preprocess: Preprocess | None = None,
-                  coco91_to_80: bool = False, map_location="cpu") -> Detector:
-    """Rebuild a detector from a sadpipe checkpoint, or from a plain torchvision RetinaNet state dict.
+                  coco91_to_80: bool = False, map_location="cpu", source: str | None = None,
+                  **convert_options) -> Detector:
+    """Rebuild a detector from a sadpipe checkpoint, or from a plain torchvision RetinaNet state dict,
+    or convert an MMDetection / detectron2 RetinaNet checkpoint (``source="mmdet"`` / ``"detectron2"``).
 
     A plain state dict needs ``arch`` (retinanet_resnet50_fpn or retinanet_resnet50_fpn_v2, or a sadpipe
     arch) and ``num_classes``; geometry defaults to torchvision's (anchor sizes 32..512, 800/1333).
     ``coco91_to_80`` maps a 91-channel torchvision COCO head to the 80 COCO categories.
+    A foreign checkpoint brings its own architecture, anchors and normalisation; ``convert_options``
+    go to ``sadpipe.convert.convert_checkpoint`` (min_size, max_size, pad_divisor, categories).
     """
+    if source not in (None, "sadpipe", "torchvision"):
+        if arch is not None or num_classes is not None or layout is not None or preprocess is not None or coco91_to_80:
+            raise CheckpointError(f"a {source} checkpoint describes its own architecture, classes, anchors and "
+                                  "normalisation: pass only min_size, max_size, pad_divisor or categories")
+        from .convert import convert_checkpoint
+        return convert_checkpoint(path, source, **convert_options)
+    if convert_options:
+        raise CheckpointError(f"options {sorted(convert_options)} apply only to source='mmdet' or 'detectron2'")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -207,17 +293,19 @@ def load_detector(path: str | Path, arch: str | None = None, num_classes: int | 
         return model
     state = payload.get("model", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("head.") for k in state):
-        raise CheckpointError(f"{path}: neither a sadpipe checkpoint nor a RetinaNet state dict")
+        hint = ""
+        if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+            hint = " (it has a 'state_dict': an MMDetection checkpoint? use source='mmdet' / --from mmdet)"
+        elif isinstance(state, dict) and any(str(k).startswith("backbone.bottom_up.") for k in state):
+            hint = " (detectron2 parameter names: use source='detectron2' / --from detectron2)"
+        raise CheckpointError(f"{path}: neither a sadpipe checkpoint nor a RetinaNet state dict{hint}")
     if arch is None or num_classes is None:
         raise CheckpointError(f"{path} is a plain state dict: pass arch (e.g. retinanet_resnet50_fpn) and num_classes")
     layout = layout or AnchorLayout()
     preprocess = preprocess or Preprocess(min_size=800, max_size=1333)
     if coco91_to_80:
         state = _map_coco91_to_80(state, layout.anchors_per_cell)
-        # torchvision's weight metadata lists the 91 channel names (no download involved)
-        from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
-        names91 = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
-        names_ids = {"category_ids": list(COCO80_CATEGORY_IDS), "class_names": [names91[c] for c in COCO80_CATEGORY_IDS]}
+        names_ids = {"category_ids": list(COCO80_CATEGORY_IDS), "class_names": coco80_class_names()}
         num_classes = 80
     else:
         names_ids = {}
@@ -240,4 +328,5 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["ARCHS", "Detector", "CheckpointError", "build_detector", "default_spec", "load_detector",
-           "save_checkpoint", "file_sha256", "count_parameters", "COCO80_CATEGORY_IDS"]
+           "save_checkpoint", "file_sha256", "count_parameters", "COCO80_CATEGORY_IDS", "coco80_class_names",
+           "PyramidTop"]

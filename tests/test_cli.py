@@ -187,3 +187,34 @@ def test_import_checkpoint_makes_a_self_describing_torchvision_teacher(tmp_path)
     w91 = tv.state_dict()["head.classification_head.cls_logits.weight"]
     w80 = model.state_dict()["head.classification_head.cls_logits.weight"]
     assert torch.equal(w80[0], w91[1]) and torch.equal(w80[79], w91[90])
+
+
+def test_import_checkpoint_from_mmdet(tmp_path):
+    """An MMDetection checkpoint (COCO classes in its meta) becomes a sadpipe checkpoint with COCO ids and names."""
+    import torch
+    from foreign_files import mmdet_style_model, write_mmdet_checkpoint
+    from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+
+    from sadpipe.models import load_detector
+
+    names91 = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    coco_ids = [i for i, n in enumerate(names91) if i > 0 and n != "N/A"]
+    source = mmdet_style_model(80)
+    src = write_mmdet_checkpoint(tmp_path / "retinanet_r18_fpn_1x_coco.pth", source, [names91[i] for i in coco_ids])
+    dst = tmp_path / "teacher.pt"
+    result = _run(["import-checkpoint", "--from", "mmdet", str(src), str(dst),
+                   "--config", str(REPO / "pipelines" / "coco_sad_r50.toml")])
+    assert result.exit_code == 0, result.output
+    assert "rounded_anchors = false" in result.stdout  # the [geometry] a pipeline needs
+    model = load_detector(dst)
+    assert model.spec["category_ids"] == coco_ids and model.spec["class_names"][-1] == "toothbrush"
+    assert model.preprocess.min_size == 600 and model.preprocess.max_size == 1000  # sizes from the pipeline
+    assert model.spec["fpn_relu_before_p7"] is False and model.layout.rounded_anchors is False
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], source(x)[0])
+
+    result = _run(["import-checkpoint", "--from", "torchvision", str(src), str(dst)])
+    assert result.exit_code == 2 and "--from torchvision needs --arch and --num-classes" in result.stderr
+    result = _run(["import-checkpoint", "--from", "mmdet", str(src), str(dst), "--arch", "resnet50"])
+    assert result.exit_code == 2 and "a checkpoint from mmdet brings its own" in result.stderr

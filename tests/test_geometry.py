@@ -88,3 +88,33 @@ def test_image_to_batch_index_maps_head_outputs():
     canvas[..., :32, :48] = img
     idx = image_to_batch_index(layout, (32, 48), (64, 64))
     torch.testing.assert_close(head(canvas)[0, idx], head(img)[0])
+
+
+def test_default_layout_dict_and_fingerprint_are_unchanged_by_the_rounding_option():
+    # what stores and checkpoints written before the option existed carry (sadpipe at 5d0b16b)
+    assert AnchorLayout().to_dict() == {"strides": [8, 16, 32, 64, 128], "sizes": [32, 64, 128, 256, 512],
+                                        "aspect_ratios": [0.5, 1.0, 2.0],
+                                        "scales": [1.0, 2 ** (1 / 3), 2 ** (2 / 3)], "pad_divisor": 128,
+                                        "version": 1}
+    assert AnchorLayout().fingerprint() == "3c77b3738d9c82dc"
+    assert AnchorLayout(sizes=(16, 32, 64, 128, 256)).fingerprint() == "7e8eddbb760d901f"
+    # an old dict (no key) reads back as rounded
+    assert AnchorLayout.from_dict(AnchorLayout().to_dict()).rounded_anchors is True
+
+
+def test_unrounded_anchors_keep_float_corners():
+    rounded, exact = AnchorLayout(), AnchorLayout(rounded_anchors=False)
+    # P3, ratio 1 (index 1), scale 2^(1/3) (index 1): anchor 1 * 3 + 1 = 4, half side 32 * 2^(1/3) / 2 = 20.1587
+    half = 32 * 2 ** (1 / 3) / 2
+    torch.testing.assert_close(exact.cell_anchors(0)[4], torch.tensor([-half, -half, half, half]))
+    assert rounded.cell_anchors(0)[4].tolist() == [-20.0, -20.0, 20.0, 20.0]
+    # ratio 0.5 (h / w), scale 1: w = 32 / sqrt(0.5) = 45.2548, h = 32 * sqrt(0.5) = 22.6274
+    w, h = 32 / 0.5 ** 0.5, 32 * 0.5 ** 0.5
+    torch.testing.assert_close(exact.cell_anchors(0)[0], torch.tensor([-w / 2, -h / 2, w / 2, h / 2]))
+    assert rounded.cell_anchors(0)[0].tolist() == [-23.0, -11.0, 23.0, 11.0]
+    # shifted by the same grid: the difference is the cell anchors' rounding only
+    diff = exact.anchors((128, 128)) - rounded.anchors((128, 128))
+    assert 0 < diff.abs().max() <= 0.5
+    assert exact.to_dict()["rounded_anchors"] is False
+    assert AnchorLayout.from_dict(exact.to_dict()) == exact
+    assert exact.fingerprint() != rounded.fingerprint()

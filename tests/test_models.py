@@ -9,7 +9,7 @@ from torchvision.models.detection import (RetinaNet_ResNet50_FPN_Weights, retina
                                           retinanet_resnet50_fpn_v2)
 
 from sadpipe.geometry import AnchorLayout
-from sadpipe.models import (COCO80_CATEGORY_IDS, CheckpointError, build_detector, default_spec, load_detector,
+from sadpipe.models import (COCO80_CATEGORY_IDS, CheckpointError, Detector, build_detector, default_spec, load_detector,
                             save_checkpoint)
 from sadpipe.transforms import Preprocess
 
@@ -153,3 +153,40 @@ def test_load_detector_errors(tmp_path, torchvision_files):
         load_detector(tv, arch="retinanet_resnet50_fpn_v2", num_classes=91)
     with pytest.raises(CheckpointError, match="unknown arch"):
         default_spec("resnet9000", 3, AnchorLayout(), Preprocess(128, 128))
+
+
+def test_default_specs_have_no_structure_keys():
+    # specs (and so checkpoints) of every arch at its defaults are what they were before the options existed
+    for arch in ("tiny", "resnet18", "resnet50", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"):
+        spec = default_spec(arch, 3, AnchorLayout(), Preprocess(128, 128))
+        assert not {"fpn_p6_input", "fpn_relu_before_p7", "stride_in_1x1"} & set(spec), arch
+    spec = default_spec("resnet50", 3, AnchorLayout(), Preprocess(128, 128), fpn_p6_input="p5",
+                        fpn_relu_before_p7=True, stride_in_1x1=False)  # the defaults, named
+    assert "fpn_p6_input" not in spec and "stride_in_1x1" not in spec
+
+
+def test_structure_options_change_the_computation_as_documented():
+    torch.manual_seed(0)
+    base = dict(fpn_channels=16, backbone_norm="frozen_bn", head_norm="none")
+    spec = default_spec("resnet50", 3, AnchorLayout(), Preprocess(128, 128), fpn_p6_input="c5",
+                        fpn_relu_before_p7=False, stride_in_1x1=True, **base)
+    model = build_detector(spec).eval()
+    body, top = model.backbone.body, model.backbone.fpn.extra_blocks
+    for layer in (body.layer2, body.layer3, body.layer4):  # MSRA: stride in the first 1x1
+        assert layer[0].conv1.stride == (2, 2) and layer[0].conv2.stride == (1, 1)
+    assert body.layer2[1].conv1.stride == (1, 1)
+    x = _image(4)
+    with torch.no_grad():
+        c = body(x)
+        p = model.backbone(x)
+        # P6 = conv(C5) and P7 = conv(P6) without a ReLU, by hand
+        torch.testing.assert_close(p["p6"], top.p6(c["2"]))  # body returns C3..C5 as "0".."2"
+        torch.testing.assert_close(p["p7"], top.p7(p["p6"]))
+        assert not torch.allclose(p["p7"], top.p7(torch.relu(p["p6"])))
+    assert p["0"].shape[-1] == 16 and p["p7"].shape[-1] == 1  # strides unchanged: 128 / 8, 128 / 128
+    reloaded = Detector(spec)
+    reloaded.load_state_dict(model.state_dict())  # same parameter names as the default structure
+    with pytest.raises(CheckpointError, match="stride_in_1x1 needs a bottleneck ResNet"):
+        default_spec("resnet18", 3, AnchorLayout(), Preprocess(128, 128), stride_in_1x1=True)
+    with pytest.raises(CheckpointError, match="exactly torchvision's structure"):
+        default_spec("retinanet_resnet50_fpn", 3, AnchorLayout(), Preprocess(128, 128), fpn_relu_before_p7=False)

@@ -115,3 +115,44 @@ def test_geometry_from_config_rejects_inconsistent_geometry():
     cfg = load_config(REPO / "pipelines" / "toy.toml", ["geometry.anchor_sizes=[16, 32]"])
     with pytest.raises(ConfigError, match=r"geometry.*one size per level"):
         geometry_from_config(cfg)
+
+
+def test_default_preprocess_dict_is_unchanged_by_the_new_options():
+    # the dict checkpoints and stores carried before channel_order / pixel_scale existed
+    assert Preprocess(800, 1333).to_dict() == {"min_size": 800, "max_size": 1333, "pad_divisor": 128,
+                                               "image_mean": list(MEAN), "image_std": list(STD)}
+    assert Preprocess.from_dict(Preprocess(800, 1333).to_dict()) == Preprocess(800, 1333)
+
+
+def test_bgr_0_255_preprocessing_by_hand():
+    """detectron2's input: BGR pixels on 0-255 minus the BGR mean, std 1."""
+    pre = Preprocess(4, 6, image_mean=(103.53, 116.28, 123.675), image_std=(1.0, 1.0, 1.0), channel_order="BGR",
+                     pixel_scale=255)
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 10, 20, 30  # R, G, B
+    x = pre(image)
+    # channel 0 is blue: 30 - 103.53 = -73.53; green 20 - 116.28 = -96.28; red 10 - 123.675 = -113.675
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([-73.53, -96.28, -113.675]))
+    assert pre.to_dict()["channel_order"] == "BGR" and pre.to_dict()["pixel_scale"] == 255.0
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    # RGB on 0-255 with mean/std x 255 is the default on 0-1 (MMDetection's pytorch-style numbers)
+    mm = Preprocess(4, 6, image_mean=tuple(255 * m for m in MEAN), image_std=tuple(255 * s for s in STD),
+                    pixel_scale=255.0)
+    torch.testing.assert_close(mm(image), Preprocess(4, 6)(image))
+    with pytest.raises(ValueError, match="channel_order 'BRG'"):
+        Preprocess(4, 6, channel_order="BRG")
+    with pytest.raises(ValueError, match="pixel_scale 2"):
+        Preprocess(4, 6, pixel_scale=2)
+
+
+def test_geometry_from_config_reads_the_foreign_teacher_options():
+    cfg = load_config(REPO / "pipelines" / "toy.toml", ["geometry.rounded_anchors=false", 'geometry.channel_order="BGR"',
+                                                        "geometry.pixel_scale=255", "geometry.image_std=[1, 1, 1]"])
+    layout, pre = geometry_from_config(cfg)
+    assert layout.rounded_anchors is False and pre.channel_order == "BGR" and pre.pixel_scale == 255.0
+    # defaults: nothing new in the dicts
+    layout, pre = geometry_from_config(load_config(REPO / "pipelines" / "toy.toml"))
+    assert "rounded_anchors" not in layout.to_dict() and set(pre.to_dict()) == {
+        "min_size", "max_size", "pad_divisor", "image_mean", "image_std"}
+    with pytest.raises(ConfigError, match="channel_order 'XYZ'"):
+        geometry_from_config(load_config(REPO / "pipelines" / "toy.toml", ['geometry.channel_order="XYZ"']))
