@@ -163,7 +163,7 @@ class TeacherCache:
 
     def set_shard_order(self, order, window: int) -> None:
         """Announce that records will be read shard by shard in ``order`` (store shard numbers),
-        mixing ``window`` consecutive shards at a time (sadpipe.cache.shard_order): reads then
+        mixing ``window`` consecutive shards at a time (sadpipe/shard_sampler.py): reads then
         fetch whole shards and read the next ones ahead in the background. ``order=None``
         returns to one range request per record. Takes effect in processes started (or forked)
         after the call, and at once in this one."""

@@ -8,7 +8,7 @@ each a full round trip on an object store. :class:`ShardedArrayReader` instead
 
 - keeps every shard index it has read (16 bytes per image; one suffix-range request per shard
   per process), then reads an image's inner chunk with one range request, or
-- with a shard order (a student sampling shard by shard, sadpipe.cache.shard_order), fetches
+- with a shard order (a student sampling shard by shard, sadpipe/shard_sampler.py), fetches
   whole shards (one request per shard) and reads ahead the shards that come next in the
   background, serving the images of a shard from memory.
 
@@ -94,7 +94,8 @@ class ShardedArrayReader:
     async def _decode_chunk(self, raw: bytes) -> np.ndarray:
         out = await self.codec.codec_pipeline.decode([(default_buffer_prototype().buffer.from_bytes(raw),
                                                        self._chunk_spec)])
-        return out[0].as_numpy_array()
+        chunk = out[0].as_numpy_array()
+        return chunk if chunk.flags.writeable else chunk.copy()  # torch.from_numpy wants writable arrays
 
     # ---- public --------------------------------------------------------------------------------
 

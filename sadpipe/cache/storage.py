@@ -36,11 +36,13 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, WrapperStore
 
+from sadpipe.cache.format import CacheStoreError
+
 ENV_STORAGE_OPTIONS = "SADPIPE_STORAGE_OPTIONS"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 
 
-class StorageError(ValueError):
+class StorageError(CacheStoreError, ValueError):
     """A store URL cannot be opened (unknown scheme, missing filesystem package, bad options)."""
 
 
@@ -62,6 +64,20 @@ def env_storage_options() -> dict:
         raise StorageError(f"{ENV_STORAGE_OPTIONS} must be a JSON object of fsspec options: {e}") from None
     if not isinstance(opts, dict):
         raise StorageError(f"{ENV_STORAGE_OPTIONS} must be a JSON object, got {type(opts).__name__}")
+    return opts
+
+
+def default_storage_options(url: str) -> dict:
+    """fsspec options sadpipe sets unless the user overrides them.
+
+    - ``use_listings_cache=False``: a store is written by one process and read by others; a
+      cached listing would hide keys written after it (the completion mark, new shards).
+    - s3: ``max_concurrency=1``: s3fs otherwise sends a HEAD before every whole-object GET (to
+      split large downloads); shards are a few MB, so that request would be pure latency.
+    """
+    opts: dict[str, Any] = {"use_listings_cache": False}
+    if url.split("://", 1)[0].lower() in ("s3", "s3a"):
+        opts["max_concurrency"] = 1
     return opts
 
 
@@ -199,7 +215,7 @@ class StoreLocation:
             store = LocalStore(self.url, read_only=read_only)
         else:
             from zarr.storage import FsspecStore
-            opts = {**env_storage_options(), **self.storage_options}
+            opts = {**default_storage_options(self.url), **env_storage_options(), **self.storage_options}
             try:
                 store = FsspecStore.from_url(self.url, storage_options=opts, read_only=read_only)
             except (ImportError, ValueError) as e:
@@ -219,8 +235,7 @@ class StoreLocation:
         """True if the store holds ``key`` (e.g. the root ``zarr.json``)."""
         if self.is_local:
             return (self.path / key).is_file()
-        store = self.open_store(read_only=True)
-        return bool(sync(store.exists(key)))
+        return self.read_bytes(key) is not None  # a GET: no listing (cache) involved
 
     def is_store(self) -> bool:
         return self.has_key("zarr.json")
