@@ -183,7 +183,7 @@ class TeacherCache:
 
     def _load_tables(self) -> dict[str, np.ndarray]:
         if self._tables is None:
-            root = zarr.open_group(self._open_store(), mode="r")
+            root = zarr.open_group(self._open_store(), mode="r", zarr_format=3)
             tables = {name: root[name][:] for name in ("images/image_id", "images/split", "images/path")}
             for name in fmt.per_shard_array_names(self.metadata):
                 tables[name] = root[fmt.index_name(name)][:]

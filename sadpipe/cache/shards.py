@@ -45,7 +45,7 @@ class ShardedArrayReader:
     """
 
     def __init__(self, store, name: str, max_shards: int = 0):
-        arr = zarr.open_array(store, path=name, mode="r")
+        arr = zarr.open_array(store, path=name, mode="r", zarr_format=3)  # no probing for zarr v2 keys
         meta = arr._async_array.metadata
         codec = meta.codecs[0] if len(meta.codecs) == 1 else None
         if not isinstance(codec, ShardingCodec) or codec.chunk_shape[0] != 1 \

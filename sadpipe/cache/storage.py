@@ -227,7 +227,8 @@ class StoreLocation:
         return store
 
     def open_group(self, mode: str) -> zarr.Group:
-        return zarr.open_group(self.open_store(read_only=mode == "r"), mode=mode)
+        # zarr_format=3: no requests probing for zarr v2 keys (.zgroup, .zattrs) of every node
+        return zarr.open_group(self.open_store(read_only=mode == "r"), mode=mode, zarr_format=3)
 
     # ---- keys -------------------------------------------------------------------------------
 

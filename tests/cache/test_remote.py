@@ -208,7 +208,8 @@ def test_four_reader_processes_at_once_read_what_one_reads(where, new_bucket, tm
     cache = TeacherCache(url)
     ids = cache.ok_image_ids()
     single = _digest_all(cache, ids, None)
-    ctx = multiprocessing.get_context("spawn")  # nothing inherited: each process opens its own store
+    # each process gets the pickled cache (what a spawned DataLoader worker receives) and opens its own store
+    ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     orders = [None, None, ([5, 4, 3, 2, 1, 0], 2), ([0, 1, 2, 3, 4, 5], 1)]  # range reads and read-ahead
     procs = [ctx.Process(target=_reader_process, args=(pickle.dumps(cache), ids, orders[r], queue))
