@@ -221,3 +221,19 @@ def test_four_reader_processes_at_once_read_what_one_reads(where, new_bucket, tm
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     assert digests == [single] * 4
+
+
+def test_read_ahead_in_sampler_order_keeps_at_most_2w_plus_1_shards(tmp_path):
+    from sadpipe.shard_sampler import ShardAwareSampler
+
+    spec = make_spec(n=24, images_per_shard=3, views=("orig",))  # 8 shards
+    _finished(tmp_path / "c.zarr", spec, failed=set())
+    plain, ahead = TeacherCache(tmp_path / "c.zarr"), TeacherCache(tmp_path / "c.zarr")
+    sampler = ShardAwareSampler([i // 3 for i in range(24)], window=2, seed=4, cache=ahead)
+    sampler.set_epoch(0)
+    most = 0
+    for i in sampler:
+        a, b = ahead.get_compact(spec.image_ids[i]), plain.get_compact(spec.image_ids[i])
+        assert torch.equal(a.deltas, b.deltas) and torch.equal(a.codes, b.codes)
+        most = max(most, len(ahead._readers["views/orig/targets"]._shards))
+    assert 2 <= most <= 5  # whole shards were used, never more than 2 * window + 1 held
