@@ -128,8 +128,10 @@ class StoreWriter:
         loc = store_location(path)
         path = loc.display
         meta = build_metadata(spec)
-        if not loc.is_empty():
-            is_store = loc.is_dir_or_absent() and loc.is_store()
+        # the root zarr.json first (one GET): listing a big store's prefix to see it is not empty
+        # would cost one request per 1000 objects
+        is_store = loc.is_dir_or_absent() and loc.is_store()
+        if is_store or not loc.is_empty():
             if overwrite:
                 if not is_store:
                     raise NotAStoreError(
