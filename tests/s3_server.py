@@ -1,6 +1,7 @@
 """A real S3 API on this machine for the tests: moto's standalone server on 127.0.0.1.
 
-``s3_endpoint`` (module scope) starts the server on a free loopback port and points the usual
+``s3_endpoint`` (session scope: s3fs caches its filesystem objects per process, and one made for
+an earlier server's endpoint would be reused) starts the server on a free loopback port and points the usual
 S3 settings of this process (and of subprocesses, which inherit them) at it:
 AWS_ENDPOINT_URL (botocore reads it), dummy credentials and a region. ``new_bucket`` creates
 an empty bucket with a fresh name. Nothing leaves the loopback interface.
@@ -32,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_endpoint():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     port = _free_port()
@@ -43,6 +44,8 @@ def s3_endpoint():
     os.environ.update(_ENV, AWS_ENDPOINT_URL=endpoint)
     os.environ.pop("AWS_PROFILE", None)
     os.environ.pop("SADPIPE_STORAGE_OPTIONS", None)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield endpoint
     finally:
