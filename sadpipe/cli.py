@@ -34,6 +34,20 @@ def _config_options(fn):
     return wrapper
 
 
+class _StoreParam(click.ParamType):
+    """A teacher cache: a local directory (a Path) or an fsspec URL such as s3://bucket/prefix/cache.zarr
+    (kept a string: click.Path would fold "s3://" into "s3:/")."""
+
+    name = "PATH|URL"
+
+    def convert(self, value, param, ctx):
+        from .cache.storage import url_or_path
+        return value if isinstance(value, Path) else url_or_path(str(value))
+
+
+STORE = _StoreParam()
+
+
 def _friendly_errors(fn):
     """Turn the library's user-facing exceptions into one clear line and exit code 2."""
     @functools.wraps(fn)
@@ -137,7 +151,8 @@ def evaluate_cmd(cfg, checkpoint, out, device):
 @_config_options
 @click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Teacher checkpoint (sadpipe checkpoint, self-describing).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The Zarr store to write.")
+@click.option("--out", type=STORE, required=True,
+              help="The Zarr store to write: a directory or a URL such as s3://bucket/prefix/cache.zarr.")
 @click.option("--views", default=None, help="Comma-separated views to store: orig, hflip (default: dump.views).")
 @click.option("--with-box-regression", is_flag=True, default=None, help="Also store per-anchor box regression (float16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings.")
@@ -172,7 +187,7 @@ def cache_group():
 
 
 @cache_group.command("info")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly_errors
 def cache_info_cmd(store, as_json):
@@ -188,7 +203,7 @@ def cache_info_cmd(store, as_json):
 
 
 @cache_group.command("verify")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store", type=STORE)
 @_friendly_errors
 def cache_verify_cmd(store):
     """Check completeness, every chunk's checksum and the metadata; exit 1 if anything is wrong.
@@ -205,8 +220,9 @@ def cache_verify_cmd(store):
 
 @main.command("train-student")
 @_config_options
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Teacher cache made by dump-teacher (not needed for --set distill.method=none).")
+@click.option("--cache", type=STORE, default=None,
+              help="Teacher cache made by dump-teacher, a directory or a URL such as s3://bucket/prefix/cache.zarr "
+                   "(not needed for --set distill.method=none).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 @click.option("--method", type=click.Choice(["none", "kd", "fdl", "adl", "sad", "data_distillation"]), default=None,
               help="Shortcut for --set distill.method=... (default: the config's, sad).")
@@ -238,7 +254,7 @@ def train_student_cmd(cfg, cache, out, method, max_steps, resume, device):
 
 
 @cache_group.command("fidelity")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The teacher checkpoint the store was dumped from.")
 @click.option("--images", type=int, default=16, show_default=True, help="How many stored images to recompute live.")

@@ -101,6 +101,7 @@ DEFAULTS: dict = {
         "pseudo_labels": False,  # add focal/box losses on unlabeled images against the teacher's detections
         "pseudo_score_thresh": 0.5,
         "online_teacher": "",    # benchmark only: a teacher checkpoint run live every step instead of the cache
+        "shard_window": 0,       # 0: random order; W >= 1: mix W cache shards at a time, read ahead (shard_sampler.py)
     },
 }
 

@@ -264,6 +264,10 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
                               seed=tcfg["seed"] + 1, info=info, loader_kw=loader_kw))
     elif mix != "labeled_only":
         raise TrainingError(f"distill.unlabeled_mix must be alternate or labeled_only, got {mix!r}")
+    if dcfg["shard_window"] and cache is not None:  # shard-local order, whole cache shards read ahead
+        from .shard_sampler import use_shard_order
+        for stream in streams:
+            use_shard_order(stream, cache, window=dcfg["shard_window"], info=info)
     total_steps = max_steps or tcfg["max_steps"] or tcfg["epochs"] * streams[0].per_epoch * len(streams)
 
     code_table = cache.code_table.to(dev) if cache is not None else None

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import tomli_w
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .cache.codec import codec_from_dict, default_codec
 from .cache.format import METADATA_ATTR, ImageResult, StoreSpec, ViewResult
+from .cache.storage import StoreLocation, store_location
 from .cache.writer import StoreWriter
 from .cache import targets
 from .config import path_in_data_root, save_resolved
@@ -266,12 +268,11 @@ def check_teacher(teacher: Detector, teacher_path: Path, cfg: dict, categories) 
         raise DumpError(f"teacher {teacher_path} does not fit this config:\n  - " + "\n  - ".join(problems))
 
 
-def _stored_codec(out: Path, overwrite: bool):
+def _stored_codec(out: StoreLocation, overwrite: bool):
     """The codec of an existing store at ``out`` (resume reuses its fit), else None."""
-    if overwrite or not (out / "zarr.json").is_file():
+    if overwrite or not out.is_store():
         return None
-    import zarr
-    meta = zarr.open_group(out, mode="r").attrs.get(METADATA_ATTR)
+    meta = out.open_group("r").attrs.get(METADATA_ATTR)
     return None if meta is None or "codec" not in meta else codec_from_dict(meta["codec"])
 
 
@@ -322,7 +323,7 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
     Returns a summary dict: rank, images (done by this rank in this run), failed, seconds and
     images_per_s of the dump loop, fit_seconds (codec fit), and on rank 0 ``completion``.
     """
-    out, teacher_path = Path(out), Path(teacher_path)
+    out, teacher_path = store_location(out), Path(teacher_path)  # out: a local path or a URL (s3://...)
     dev = select_device(device)
     info: DistInfo = init_distributed(dev)
     d = cfg["dump"]
@@ -354,7 +355,10 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
                              limit=limit)
             writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
             log(writer.resume_summary)
-            save_resolved(cfg, out.parent, name=f"{out.name}.config.resolved.toml")
+            if out.is_local:
+                save_resolved(cfg, out.path.parent, name=f"{out.path.name}.config.resolved.toml")
+            else:  # an object-store prefix has no directory beside it: the resolved config goes inside the store
+                out.write_bytes("config.resolved.toml", tomli_w.dumps(cfg).encode())
     if not info.is_main:
         writer = StoreWriter.open(out)
     codec = codec_from_dict(writer.metadata["codec"])  # every rank encodes with the stored codec

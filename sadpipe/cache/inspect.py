@@ -7,9 +7,7 @@ and cross-checks the metadata: completion, statuses, counts, ids, consolidated i
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -18,6 +16,7 @@ from sadpipe.cache import format as fmt
 from sadpipe.cache import targets as tg
 from sadpipe.cache.format import CacheStoreError
 from sadpipe.cache.reader import read_store_metadata
+from sadpipe.cache.storage import store_location
 from sadpipe.cache.writer import completion_index
 
 MAX_LISTED = 20  # problems of one kind listed before summarising the rest
@@ -58,17 +57,18 @@ def _read_blocks(arr: zarr.Array, layout: fmt.ArrayLayout, report: VerifyReport)
 
 
 def verify_store(path) -> VerifyReport:
-    """Check completeness, every chunk's checksum and metadata consistency of the store."""
-    path = Path(path)
-    report = VerifyReport(str(path), ok=False)
+    """Check completeness, every chunk's checksum and metadata consistency of the store
+    (a local path, an fsspec URL or a StoreLocation)."""
+    loc = store_location(path)
+    report = VerifyReport(str(loc), ok=False)
     try:
-        meta, mark = read_store_metadata(path)
+        meta, mark = read_store_metadata(loc)
     except CacheStoreError as e:
         report.problems.append(str(e))
         return report
     if not (mark and mark.get("complete")):
         report.problems.append("no completion mark: the dump did not finish (rerun the same dump-teacher command)")
-    root = zarr.open_group(path, mode="r")
+    root = loc.open_group("r")
     tables: dict[str, np.ndarray] = {}
     for layout in fmt.array_layouts(meta):  # plan, per-shard tables, then the big per-view arrays
         try:
@@ -174,22 +174,21 @@ def _check_tables(meta: dict, mark: dict | None, tables: dict, report: VerifyRep
                     p.append(f"completion mark {key} = {mark.get(key)} but the arrays give {expected[key]}")
 
 
-def _dir_bytes(path: Path, chunks_only: bool = False) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            if chunks_only and f == "zarr.json":
-                continue
-            total += os.path.getsize(os.path.join(dirpath, f))
-    return total
+def _prefix_bytes(sizes: dict[str, int], prefix: str, chunks_only: bool = False) -> int:
+    """Bytes of the keys under ``prefix`` ("" for all; without the zarr.json files if chunks_only)."""
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    return sum(n for key, n in sizes.items()
+               if key.startswith(prefix) and not (chunks_only and key.rsplit("/", 1)[-1] == "zarr.json"))
 
 
 def store_info(path) -> dict:
-    """Summary of a store: counts, failures, sizes on disk, compression, teacher, layout, codec."""
-    path = Path(path)
-    meta, mark = read_store_metadata(path)
+    """Summary of a store (a local path, an fsspec URL or a StoreLocation): counts, failures,
+    sizes in storage, compression, teacher, layout, codec."""
+    loc = store_location(path)
+    meta, mark = read_store_metadata(loc)
     complete = bool(mark and mark.get("complete"))
-    root = zarr.open_group(path, mode="r")
+    root = loc.open_group("r")
+    sizes = loc.sizes()  # one listing of the store (not one request per object)
     # A complete store has the consolidated index (few reads); otherwise read the per-shard arrays.
     def table(name):
         return root[fmt.index_name(name) if complete else name][:]
@@ -200,11 +199,11 @@ def store_info(path) -> dict:
     paths = root["images/path"][:].tolist()
     ok = status == fmt.STATUS_OK
     n_values = int(num_anchors[ok].sum()) * meta["num_classes"]
-    arrays = {a.name: _dir_bytes(path / a.name, chunks_only=True) for a in fmt.array_layouts(meta)}
+    arrays = {a.name: _prefix_bytes(sizes, a.name, chunks_only=True) for a in fmt.array_layouts(meta)}
     views = {}
     for v in meta["views"]:
         cls_bytes = arrays[f"views/{v}/targets"]
-        view_bytes = _dir_bytes(path / "views" / v)
+        view_bytes = _prefix_bytes(sizes, f"views/{v}")
         encoding = table(f"views/{v}/encoding")
         entries = table(f"views/{v}/num_entries").astype(np.int64)
         views[v] = {
@@ -219,7 +218,7 @@ def store_info(path) -> dict:
             "mean_sparse_entries": float(entries[ok & (encoding == tg.SPARSE)].mean())
             if (ok & (encoding == tg.SPARSE)).any() else 0.0,
         }
-    total = _dir_bytes(path)
+    total = _prefix_bytes(sizes, "")
     per_split = {}
     for code, name in fmt.SPLIT_NAMES.items():
         sel = split == code
@@ -230,7 +229,7 @@ def store_info(path) -> dict:
             "pending": int((sel & (status == fmt.STATUS_PENDING)).sum()),
         }
     return {
-        "path": str(path),
+        "path": str(loc),
         "format_version": meta["format_version"],
         "complete": complete,
         "completed_at": mark.get("completed_at") if mark else None,

@@ -3,7 +3,13 @@
 Safe in DataLoader workers and in many processes at once: the small per-image tables are
 numpy arrays (inherited by forked workers, picklable for spawned ones) and the zarr array
 handles are (re)opened lazily in each process (tracked by ``os.getpid()``). Per record the
-reader touches one inner chunk (one image) of each per-view array, never whole arrays.
+reader touches one inner chunk (one image) of each per-view array, never whole arrays: one
+range request per array and image, after one request for its shard's index per shard and
+process (sadpipe/cache/shards.py); with a shard order (``set_shard_order``) whole shards are
+read ahead in the background instead.
+
+The store may be a local directory or an fsspec URL such as ``s3://bucket/prefix/cache.zarr``
+(sadpipe/cache/storage.py); nothing else changes.
 
 Two ways to read teacher targets:
 - ``get_compact`` returns :class:`~sadpipe.cache.targets.CompactTargets`, the stored entries
@@ -25,6 +31,8 @@ import zarr
 from sadpipe.cache import format as fmt
 from sadpipe.cache import targets as tg
 from sadpipe.cache.codec import codec_from_dict
+from sadpipe.cache.shards import ShardedArrayReader, ShardReadAhead
+from sadpipe.cache.storage import StoreLocation, store_location
 from sadpipe.cache.format import (
     COMPLETION_ATTR,
     METADATA_ATTR,
@@ -73,14 +81,16 @@ class CacheRecord:
 
 
 def read_store_metadata(path) -> tuple[dict, dict | None]:
-    """(root metadata, completion mark or None) of the store at ``path``.
+    """(root metadata, completion mark or None) of the store at ``path`` (a local path, an fsspec
+    URL or a StoreLocation).
 
     Raises NotAStoreError (missing / not a sadpipe store) or UnsupportedFormatError.
     """
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
+    loc = store_location(path)
+    path = loc.display
+    if not loc.is_store():
         raise NotAStoreError(f"{path} is not a teacher cache (no zarr.json); check the path")
-    attrs = zarr.open_group(path, mode="r").attrs
+    attrs = loc.open_group("r").attrs
     meta = attrs.get(METADATA_ATTR)
     if meta is None:
         raise NotAStoreError(
@@ -109,8 +119,9 @@ class TeacherCache:
     """
 
     def __init__(self, path):
-        self.path = Path(path)
-        meta, mark = read_store_metadata(self.path)
+        self.location: StoreLocation = store_location(path)
+        self.path = self.location.display  # a Path for local stores, else the URL
+        meta, mark = read_store_metadata(self.location)
         if not (mark and mark.get("complete")):
             raise IncompleteStoreError(
                 f"teacher cache {self.path}: dump not finished; rerun the same dump-teacher command to resume"
@@ -121,19 +132,58 @@ class TeacherCache:
         self.code_table = tg.code_table(self.codec)  # float32 [256]; move to the device to decode there
         self._tables: dict[str, np.ndarray] | None = None
         self._id_to_index: dict[int, int] | None = None
-        self._arrays: dict[str, zarr.Array] = {}
-        self._pid: int | None = None
+        self._shard_order: tuple[list[int], int] | None = None
+        self._reset_handles()
 
     # ---- lazy opening ---------------------------------------------------------------
 
+    def _reset_handles(self) -> None:
+        self._store = None
+        self._readers: dict[str, ShardedArrayReader] = {}
+        self._readahead: ShardReadAhead | None = None
+        self._pid: int | None = None
+
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_arrays"], state["_pid"] = {}, None  # zarr handles are reopened in the new process
+        for key in ("_store", "_readers", "_readahead", "_pid"):  # handles are reopened in the new process
+            state.pop(key, None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset_handles()
+
+    def clone(self) -> "TeacherCache":
+        """Another reader of the same store sharing the loaded tables, with its own handles and
+        shard order (e.g. one per training stream)."""
+        other = TeacherCache.__new__(TeacherCache)
+        other.__setstate__(self.__getstate__())
+        other._shard_order = None
+        return other
+
+    def set_shard_order(self, order, window: int) -> None:
+        """Announce that records will be read shard by shard in ``order`` (store shard numbers),
+        mixing ``window`` consecutive shards at a time (sadpipe/shard_sampler.py): reads then
+        fetch whole shards and read the next ones ahead in the background. ``order=None``
+        returns to one range request per record. Takes effect in processes started (or forked)
+        after the call, and at once in this one."""
+        self._shard_order = None if order is None else ([int(k) for k in order], int(window))
+        if self._readahead is not None:
+            self._readahead.close()
+        self._readahead = None
+        self._readers = {}
+
+    def _open_store(self):
+        if self._pid != os.getpid():  # first use, or first use after a fork
+            self._reset_handles()
+            self._pid = os.getpid()
+        if self._store is None:
+            self._store = self.location.open_store(read_only=True)
+        return self._store
 
     def _load_tables(self) -> dict[str, np.ndarray]:
         if self._tables is None:
-            root = zarr.open_group(self.path, mode="r")
+            root = zarr.open_group(self._open_store(), mode="r", zarr_format=3)
             tables = {name: root[name][:] for name in ("images/image_id", "images/split", "images/path")}
             for name in fmt.per_shard_array_names(self.metadata):
                 tables[name] = root[fmt.index_name(name)][:]
@@ -143,14 +193,18 @@ class TeacherCache:
             self._tables = tables
         return self._tables
 
-    def _array(self, name: str) -> zarr.Array:
-        if self._pid != os.getpid():  # first use, or first use after a fork
-            self._arrays, self._pid = {}, os.getpid()
-        arr = self._arrays.get(name)
-        if arr is None:
-            arr = zarr.open_array(self.path / name, mode="r")
-            self._arrays[name] = arr
-        return arr
+    def _read(self, name: str, i: int) -> np.ndarray:
+        """Image i's inner chunk of the sharded array ``name``: [1, ...]."""
+        store = self._open_store()
+        reader = self._readers.get(name)
+        if reader is None:
+            max_shards = 2 * self._shard_order[1] + 1 if self._shard_order else 0
+            reader = self._readers[name] = ShardedArrayReader(store, name, max_shards=max_shards)
+        if self._shard_order is None:
+            return reader.read(i)
+        if self._readahead is None:
+            self._readahead = ShardReadAhead(*self._shard_order)
+        return self._readahead.read(reader, i)
 
     # ---- plan and per-image facts ---------------------------------------------------
 
@@ -268,7 +322,7 @@ class TeacherCache:
         t = self._tables
         encoding = int(t[f"views/{view}/encoding"][i])
         m = int(t[f"views/{view}/num_entries"][i])
-        blob = self._array(f"views/{view}/targets")[i : i + 1][0]
+        blob = self._read(f"views/{view}/targets", i)[0]
         try:
             deltas, codes = tg.unpack(blob, encoding, m)
         except ValueError as e:
@@ -293,7 +347,7 @@ class TeacherCache:
 
     def _detections(self, i: int, view: str):
         d = int(self._tables[f"views/{view}/det_count"][i])
-        rows = self._array(f"views/{view}/detections")[i, :d] if d else np.zeros((0, 6), np.float32)
+        rows = self._read(f"views/{view}/detections", i)[0, :d] if d else np.zeros((0, 6), np.float32)
         return (torch.from_numpy(np.ascontiguousarray(rows[:, :4])), torch.from_numpy(np.ascontiguousarray(rows[:, 4])),
                 torch.from_numpy(rows[:, 5].astype(np.int64)))
 
@@ -307,7 +361,7 @@ class TeacherCache:
         a = int(t["images/num_anchors"][i])
         box = None
         if box_regression and self.metadata["with_box_regression"]:
-            box = torch.from_numpy(self._array(f"views/{view}/box_regression")[i, :a].astype(np.float32))
+            box = torch.from_numpy(self._read(f"views/{view}/box_regression", i)[0, :a].astype(np.float32))
         det_boxes, det_scores, det_labels = self._detections(i, view) if detections else (None, None, None)
         return CacheRecord(
             image_id=int(t["images/image_id"][i]),

@@ -8,16 +8,15 @@ Safety rules (REFERENCE section 4, docs/cache_format.md):
 - the completion mark (root attribute ``sadpipe_completion``) is written last by
   :meth:`StoreWriter.finalize`; zarr's LocalStore writes every file to a temp file and
   renames it over the target, so the root ``zarr.json`` is either the old or the new one.
+  On an object store (S3, GCS, ...) every key is one PUT of the whole object, which readers
+  see entirely or not at all: the same guarantee without a rename (sadpipe/cache/storage.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
-import shutil
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +29,7 @@ import sadpipe
 from sadpipe.cache import format as fmt
 from sadpipe.cache import targets as tg
 from sadpipe.cache.codec import codec_from_dict
+from sadpipe.cache.storage import StoreLocation, store_location
 from sadpipe.cache.format import (
     COMPLETION_ATTR,
     METADATA_ATTR,
@@ -102,16 +102,13 @@ def build_metadata(spec: StoreSpec) -> dict:
     return meta
 
 
-def _is_store_dir(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
-
-
 class StoreWriter:
     """Writes one teacher-cache store. Get one with :meth:`create_or_resume` (rank 0) or
     :meth:`open` (other ranks, after rank 0 created the store and a barrier)."""
 
-    def __init__(self, path: Path, root: zarr.Group, meta: dict, summary: str):
-        self.path = path
+    def __init__(self, location: StoreLocation, root: zarr.Group, meta: dict, summary: str):
+        self.location = location
+        self.path = location.display  # a Path for local stores, else the URL
         self._root = root
         self.metadata = meta
         self.resume_summary = summary  # one line for the user: created / resuming / complete
@@ -124,32 +121,38 @@ class StoreWriter:
     @classmethod
     def create_or_resume(cls, path, spec: StoreSpec, *, overwrite: bool = False) -> "StoreWriter":
         """Create the store at ``path``, or reopen it for resume if it was created with the
-        same fixed metadata (plan, teacher, codec, layout, config). Rank 0 only."""
-        path = Path(path)
+        same fixed metadata (plan, teacher, codec, layout, config). Rank 0 only.
+
+        ``path``: a local directory, an fsspec URL (``s3://bucket/prefix/cache.zarr``) or a
+        StoreLocation."""
+        loc = store_location(path)
+        path = loc.display
         meta = build_metadata(spec)
-        if path.exists():
+        # the root zarr.json first (one GET): listing a big store's prefix to see it is not empty
+        # would cost one request per 1000 objects
+        is_store = loc.is_dir_or_absent() and loc.is_store()
+        if is_store or not loc.is_empty():
             if overwrite:
-                if not (_is_store_dir(path) or (path.is_dir() and not any(path.iterdir()))):
+                if not is_store:
                     raise NotAStoreError(
                         f"{path} exists and is not a zarr store; refusing to delete it with --overwrite. "
                         "Choose another output path."
                     )
-                shutil.rmtree(path)
-            elif _is_store_dir(path):
-                return cls._resume(path, meta)
-            elif path.is_dir() and not any(path.iterdir()):
-                pass  # an empty directory: create the store in it
+                loc.delete()
+            elif is_store:
+                return cls._resume(loc, meta)
             else:
                 raise NotAStoreError(
                     f"{path} exists and is not a sadpipe teacher cache; choose another output path"
                 )
-        return cls._create(path, meta, spec)
+        return cls._create(loc, meta, spec)
 
     @classmethod
-    def _create(cls, path: Path, meta: dict, spec: StoreSpec) -> "StoreWriter":
+    def _create(cls, loc: StoreLocation, meta: dict, spec: StoreSpec) -> "StoreWriter":
+        path = loc.display
         compressors = [ZstdCodec(level=fmt.zstd_level(meta)), Crc32cCodec()]
         try:
-            root = zarr.open_group(path, mode="w")
+            root = loc.open_group(mode="w")
             for a in fmt.array_layouts(meta):
                 with warnings.catch_warnings():
                     # zarr warns that variable-length bytes have no zarr v3 specification yet;
@@ -171,11 +174,12 @@ class StoreWriter:
                 "then rerun with --overwrite."
             ) from e
         log.info("created teacher cache %s (%d images, %d shards)", path, meta["num_images"], meta["num_shards"])
-        return cls(path, root, meta, f"created new teacher cache {path}")
+        return cls(loc, root, meta, f"created new teacher cache {path}")
 
     @classmethod
-    def _resume(cls, path: Path, meta: dict) -> "StoreWriter":
-        root = zarr.open_group(path, mode="r+")
+    def _resume(cls, loc: StoreLocation, meta: dict) -> "StoreWriter":
+        path = loc.display
+        root = loc.open_group(mode="r+")
         stored = root.attrs.get(METADATA_ATTR)
         if stored is None:
             raise StoreMismatchError(
@@ -189,7 +193,7 @@ class StoreWriter:
                 + "\n  ".join(diffs)
                 + "\nuse --overwrite to replace it (deletes the existing cache), or choose another output path"
             )
-        writer = cls(path, root, stored, "")
+        writer = cls(loc, root, stored, "")
         if writer.is_complete:
             writer.resume_summary = f"teacher cache {path} is already complete; nothing to do"
         else:
@@ -203,14 +207,15 @@ class StoreWriter:
     @classmethod
     def open(cls, path) -> "StoreWriter":
         """Open an existing store for writing (ranks > 0, after rank 0's create_or_resume)."""
-        path = Path(path)
-        if not _is_store_dir(path):
+        loc = store_location(path)
+        path = loc.display
+        if not loc.is_store():
             raise NotAStoreError(f"{path} is not a teacher cache (no zarr.json); rank 0 must create it first")
-        root = zarr.open_group(path, mode="r+")
+        root = loc.open_group(mode="r+")
         meta = root.attrs.get(METADATA_ATTR)
         if meta is None:
             raise NotAStoreError(f"{path} has no sadpipe metadata; rank 0 must create it first")
-        return cls(path, root, meta, f"opened teacher cache {path}")
+        return cls(loc, root, meta, f"opened teacher cache {path}")
 
     # ---- shards -------------------------------------------------------------------------
 
@@ -420,8 +425,9 @@ class StoreWriter:
                 tables[name] = self._arrays[name][:]
                 self._arrays[fmt.index_name(name)][:] = tables[name]
             mark = completion_index(self.metadata, self._root["images/split"][:], tables)
-            if hasattr(os, "sync"):
-                os.sync()  # shard data reaches the disk before the mark that vouches for it
+            # shard data reaches the disk before the mark that vouches for it (os.sync locally;
+            # on an object store every PUT above was durable and visible when it returned)
+            self.location.flush()
             self._root.attrs[COMPLETION_ATTR] = mark
         except OSError as e:
             raise StoreWriteError(

@@ -153,4 +153,4 @@ def test_works_across_fork_and_pickle(store):
     assert seen == set(ok_ids)
 
     clone = pickle.loads(pickle.dumps(cache))  # what a spawned DataLoader worker receives
-    assert clone._arrays == {} and torch.equal(clone[ok_ids[1]].cls_logits, cache[ok_ids[1]].cls_logits)
+    assert clone._readers == {} and clone._store is None and torch.equal(clone[ok_ids[1]].cls_logits, cache[ok_ids[1]].cls_logits)
