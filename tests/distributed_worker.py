@@ -48,8 +48,17 @@ def hand_batch(spec: list, layout, num_classes: int, seed: int) -> dict:
             "canvas": canvas, "padded_size": [p for _, p in spec], "labeled": [k == "L" for k, _ in spec],
             "view": ["orig"] * len(spec), "boxes": boxes, "labels": labels,
             "iscrowd": [torch.zeros(len(b), dtype=torch.bool) for b in boxes],
-            "teacher_logits": [torch.randn(layout.num_anchors(p), num_classes, generator=g) * 2.5 - 3.0
-                               for _, p in spec]}
+            "teacher": [compact_targets(torch.randn(layout.num_anchors(p), num_classes, generator=g) * 2.5 - 3.0)
+                        for _, p in spec]}
+
+
+def compact_targets(logits: torch.Tensor):
+    """The record a dump would store for these logits (default codec), as the loader hands it over."""
+    from sadpipe.cache.codec import default_codec
+    from sadpipe.cache.targets import targets_from_codes
+
+    codec = default_codec()
+    return targets_from_codes(codec.encode(logits), codec)
 
 
 class FixedStream:
@@ -95,8 +104,13 @@ def run_fit(scenario: str, toy_root: str, out_dir: str) -> None:
     stream = FixedStream([hand_batch(spec, model.layout, model.num_classes, seed=100 * info.rank + s)
                           for s in range(STEPS)])
 
+    from sadpipe.cache.codec import default_codec
+    from sadpipe.cache.targets import code_table
+
+    table = code_table(default_codec())
+
     def loss_fn(net, batch, anchors):
-        return distill.batch_loss(net, batch, anchors, cfg, cpu)
+        return distill.batch_loss(net, batch, anchors, cfg, cpu, code_table=table)
 
     records = []
     real_build = loop.build_optimizer
@@ -110,7 +124,8 @@ def run_fit(scenario: str, toy_root: str, out_dir: str) -> None:
             reference.load_state_dict(m.state_dict())
             reference.train()
             reference.zero_grad(set_to_none=True)
-            local_loss, terms = distill.batch_loss(reference, stream.current, AnchorCache(m.layout, cpu), cfg, cpu)
+            local_loss, terms = distill.batch_loss(reference, stream.current, AnchorCache(m.layout, cpu), cfg, cpu,
+                                                   code_table=table)
             local_loss.backward()
             records.append({"ddp": grads(m), "local": grads(reference), "local_loss": float(local_loss),
                             "terms": terms})

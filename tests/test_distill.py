@@ -14,7 +14,6 @@ import subprocess
 import sys
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
@@ -116,11 +115,7 @@ def _hand_batch(layout, num_classes: int) -> dict:
 
 def _compact(codec, logits) -> targets.CompactTargets:
     """The record a dump stores for these logits, as the student's loader hands it over."""
-    codes = codec.encode(logits)
-    encoding, deltas, values = targets.compact_from_codes(codes)
-    n0, n1 = targets.code_counts(values, codes.numel())
-    return targets.CompactTargets(torch.from_numpy(deltas.view(np.int16)), torch.from_numpy(values),
-                                  codec.background_logit(n0, n1), codes.shape[0], codes.shape[1], encoding)
+    return targets.targets_from_codes(codec.encode(logits), codec)
 
 
 def _expected_distill(student, batch, dcfg, method):

@@ -208,7 +208,7 @@ def test_a_failure_on_one_rank_reaches_every_rank(tmp_path, kind):
     assert [r.returncode for r in results] == [3, 3], _outputs(results)
     for r in results:
         if kind.startswith("user"):  # the same class, message and attributes on every rank
-            assert (f"caught ImageReadError: cannot read image '/data/x.jpg': file is empty (0 bytes). Re-copy it."
+            assert ("caught ImageReadError: cannot read image '/data/x.jpg': file is empty (0 bytes). Re-copy it."
                     in r.stdout), r.stdout
             origin = int(kind[-1])
             assert f"origin {None if r.rank == origin else origin} | path /data/x.jpg" in r.stdout, r.stdout

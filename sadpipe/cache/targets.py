@@ -144,6 +144,15 @@ def code_counts(codes: np.ndarray, num_values: int) -> tuple[int, int]:
     return num_values - n_nonzero, n1
 
 
+def targets_from_codes(codes: torch.Tensor | np.ndarray, codec) -> CompactTargets:
+    """The record a dump stores for one image's codes, as a reader hands it over (CPU tensors):
+    for loaders and tests that make targets without a store. codes: uint8 [A, K]."""
+    encoding, deltas, values = compact_from_codes(codes, codec.zstd_level)
+    n0, n1 = code_counts(values, int(np.prod(codes.shape)))
+    return CompactTargets(torch.from_numpy(deltas.view(np.int16)), torch.from_numpy(np.ascontiguousarray(values)),
+                          codec.background_logit(n0, n1), int(codes.shape[0]), int(codes.shape[1]), encoding)
+
+
 # ---- the stored blob -----------------------------------------------------------------------
 
 

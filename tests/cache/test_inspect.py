@@ -98,7 +98,7 @@ def test_store_info_counts_and_compression(tmp_path):
 
 
 def test_records_that_do_not_fit_their_image_are_reported(tmp_path):
-    spec = _finished_store(tmp_path / "c.zarr", failed=frozenset({1}))
+    _finished_store(tmp_path / "c.zarr", failed=frozenset({1}))
     arr = zarr.open_array(tmp_path / "c.zarr/views/orig/targets", mode="r+")
     block = arr[0:4]
     block[0] = block[0][:-1]  # image 0's record one byte short of what its entry count says

@@ -24,10 +24,7 @@ def _synthetic_logits(num_anchors: int, num_classes: int, mu: float, sd: float, 
 
 
 def _record(codec, codes: torch.Tensor) -> tg.CompactTargets:
-    encoding, deltas, values = tg.compact_from_codes(codes)
-    n0, n1 = tg.code_counts(values, codes.numel())
-    return tg.CompactTargets(torch.from_numpy(deltas.view(np.int16)), torch.from_numpy(values),
-                             codec.background_logit(n0, n1), codes.shape[0], codes.shape[1], encoding)
+    return tg.targets_from_codes(codes, codec)
 
 
 def test_gaps_past_uint16_are_bridged_by_fillers_that_decode_to_background():
