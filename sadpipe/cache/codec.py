@@ -52,7 +52,7 @@ def _logit(q: np.ndarray) -> np.ndarray:
     return np.log(q) - np.log1p(-q)
 
 
-def _as_code_array(codes) -> np.ndarray:
+def as_code_array(codes) -> np.ndarray:
     """uint8 numpy view of codes given as numpy or (CPU) torch."""
     if isinstance(codes, torch.Tensor):
         codes = codes.detach().cpu().numpy()
@@ -119,7 +119,7 @@ class UniformProbabilityCodec:
 
     def decode(self, codes: np.ndarray | torch.Tensor) -> torch.Tensor:
         table, pairs = self._tables
-        return torch.from_numpy(_lookup(table, pairs, _as_code_array(codes)))
+        return torch.from_numpy(_lookup(table, pairs, as_code_array(codes)))
 
     def background_logit(self, n0: int, n1: int) -> float:
         """The logit code 0 decodes to (the same for every image: no per-image context)."""
@@ -271,7 +271,7 @@ class BinnedProbabilityCodec:
 
     def decode(self, codes: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 codes [..., K] -> float32 logits [..., K] (CPU tensor)."""
-        codes = _as_code_array(codes)
+        codes = as_code_array(codes)
         table, pairs = self._tables
         if self.floor_context is None or codes.ndim < 2:
             return torch.from_numpy(_lookup(table, pairs, codes))

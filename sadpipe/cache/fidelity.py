@@ -20,7 +20,7 @@ import numcodecs
 import numpy as np
 import torch
 
-from .codec import _as_code_array
+from .codec import as_code_array
 
 # The store appends a crc32c checksum (4 bytes) to every inner chunk.
 CRC32C_BYTES = 4
@@ -101,7 +101,7 @@ def adl_fidelity(
 
 def compressed_image_bytes(codes_one_image, zstd_level: int) -> int:
     """Bytes the store spends on one image's code array ``uint8 [A, K]``: zstd frame + crc32c."""
-    raw = np.ascontiguousarray(_as_code_array(codes_one_image)).tobytes()
+    raw = np.ascontiguousarray(as_code_array(codes_one_image)).tobytes()
     return len(numcodecs.Zstd(level=zstd_level).encode(raw)) + CRC32C_BYTES
 
 
@@ -133,7 +133,7 @@ def codec_size_report(codec, logits: torch.Tensor, *, repeats: int = 3) -> dict:
             best = min(best, time.perf_counter() - start)
         return outputs, 1e3 * best / len(items)
 
-    codes, encode_ms = timed(lambda image: _as_code_array(codec.encode(image)), list(logits))
+    codes, encode_ms = timed(lambda image: as_code_array(codec.encode(image)), list(logits))
     _, decode_ms = timed(codec.decode, codes)
     total_bytes = sum(compressed_image_bytes(c, codec.zstd_level) for c in codes)
     bits = 8.0 * total_bytes / (batch * values)

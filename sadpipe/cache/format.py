@@ -315,7 +315,7 @@ def flatten(value, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _short(value, limit: int = 80) -> str:
+def short_repr(value, limit: int = 80) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -329,5 +329,5 @@ def diff_dicts(a: dict, b: dict, a_name: str, b_name: str, skip: tuple[str, ...]
             continue
         va, vb = fa.get(key, "<missing>"), fb.get(key, "<missing>")
         if va != vb:
-            lines.append(f"{key}: {_short(va)} ({a_name}) vs {_short(vb)} ({b_name})")
+            lines.append(f"{key}: {short_repr(va)} ({a_name}) vs {short_repr(vb)} ({b_name})")
     return lines

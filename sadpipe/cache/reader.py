@@ -412,8 +412,8 @@ class TeacherCache:
                 else "same ids in a different order"
             )
             problems.append(
-                f"classes differ: cache has {len(cached_ids)} category ids {fmt._short(cached_ids)}, "
-                f"student has {len(student_ids)} {fmt._short(student_ids)} ({detail})"
+                f"classes differ: cache has {len(cached_ids)} category ids {fmt.short_repr(cached_ids)}, "
+                f"student has {len(student_ids)} {fmt.short_repr(student_ids)} ({detail})"
             )
         cached_names = classes.get("names")
         if class_names is not None and cached_names is not None and list(cached_names) != list(class_names):
