@@ -2,7 +2,9 @@
 
 Reproduce the table in docs/codec.md with:
 
-    python benchmarks/codec_fidelity.py --inputs '/work/runs/codec_inputs/*.pt'
+    python benchmarks/codec_fidelity.py --inputs 'runs/codec_inputs/*.pt'
+
+(the inputs are written by benchmarks/make_codec_inputs.py)
 
 Each input is a ``torch.save`` dict with ``teacher_logits`` float32 [B, A, K] (exact teacher
 logits of B images), ``students`` {name: float32 [B, A, K]} and optionally ``layout`` and
@@ -17,7 +19,8 @@ sadpipe.cache.fidelity.adl_fidelity. Size is zstd at the codec's level of each i
 code array plus 4 bytes crc32c, as the store writes it (codec_size_report).
 
 Without ``--inputs`` (or ``--synthetic``) the script makes synthetic logits shaped like the weak
-toy teacher of REFERENCE section 6 (3069 anchors x 6 classes at 128x128 px).
+toy teachers of the prototype (3069 anchors x 6 classes at 128x128 px; docs/codec.md, section
+"Earlier prototype measurements").
 """
 
 from __future__ import annotations

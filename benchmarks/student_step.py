@@ -16,7 +16,7 @@ shows medians over rounds, with the spread of the step time.
 
 Example:
   python benchmarks/student_step.py --config pipelines/toy.toml --cache runs/toy_cache.zarr \\
-      --teacher runs/toy_teacher/final.pt --steps 30 --set data.root=/tmp/toy
+      --teacher runs/toy_teacher/final.pt --steps 30 --set data.root=data/toy
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ _MODEL = {
 }
 
 _OPTIM = {
-    "optimizer": "adamw",        # adamw (cosine; trained best from scratch here, REFERENCE 6) | sgd (paper: warm-up + steps)
+    # adamw: cosine schedule, trains best from scratch (docs/method.md, section "Training from scratch (toy task)")
+    "optimizer": "adamw",        # adamw | sgd (paper: warm-up + steps)
     "lr": 1e-3,
     "weight_decay": 1e-4,
     "momentum": 0.9,

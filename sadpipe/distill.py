@@ -174,7 +174,8 @@ def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None, code_ta
             else:  # decoded on the training device from the compact record: [A_img, K] in the image's anchor order
                 t_parts.append(decode_targets(batch["teacher"][i].to(device, non_blocking=device.type == "cuda"),
                                              code_table))
-            # anchors the GT matcher ignores (IoU in [0.4, 0.5)) are excluded on labeled images (REFERENCE 1)
+            # anchors the GT matcher ignores (IoU in [0.4, 0.5)) are excluded on labeled images
+            # (docs/method.md, section "Ignored anchors")
             keep = (matched[i][idx] != IGNORED) if (matched is not None and i in matched and batch["labeled"][i]) \
                 else torch.ones(idx.numel(), dtype=torch.bool, device=device)
             m_parts.append(keep)

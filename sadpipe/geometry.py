@@ -3,7 +3,8 @@
 Every image is resized on its own (scale = min(min_size / short, max_size / long), sizes
 floored, as torchvision's GeneralizedRCNNTransform does) and padded at right/bottom to a
 multiple of ``pad_divisor`` (128 by default, the stride of P7), so every level's stride is
-exact and an image's anchors never depend on the batch it lands in (REFERENCE section 3).
+exact and an image's anchors never depend on the batch it lands in (docs/geometry.md, section
+"Padding per image to 128").
 A batch pads its images further to the largest padded size; an image's level-l grid is then
 the top-left ``H_l x W_l`` block of the batch's level-l grid (``image_to_batch_index``).
 """

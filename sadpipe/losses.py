@@ -19,8 +19,8 @@ values and finite gradients. float16 / bfloat16 inputs are computed in float32
 and the result is returned as float32 (float64 stays float64).
 
 Sources: Tang et al., "Learning Efficient Detector with Semi-supervised Adaptive
-Distillation" (arXiv 1901.00366) and its released Caffe2 op; see
-/work/shared/REFERENCE.md section 1.
+Distillation" (arXiv 1901.00366) and its released Caffe2 op; see docs/method.md, section
+"The released code and the paper".
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def adaptive_distillation_loss(
     same gradient through the weighted term, not through ADW's value).
 
     Defaults ``gamma=2``, ``beta=1`` are the released configuration
-    (gamma = 2, beta_code = 0, i.e. beta_paper = 1; REFERENCE.md section 1).
+    (gamma = 2, beta_code = 0, i.e. beta_paper = 1; docs/method.md, section "Beta convention").
     ``beta=0`` gives the focal-style distillation loss (FDL). Use ``gamma >= 1``
     for a gradient that is finite where KL + beta*T = 0.
 

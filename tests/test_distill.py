@@ -75,7 +75,7 @@ def world(toy_root, tmp_path_factory):
 
 def _adl_by_hand(s: torch.Tensor, t: torch.Tensor, *, method: str, beta: float, gamma: float, variant: str,
                  temperature: float) -> torch.Tensor:
-    """Per-entry distillation loss in float64 straight from the formulas (REFERENCE section 1)."""
+    """Per-entry distillation loss in float64 straight from the formulas (docs/method.md, section "Notation")."""
     s, t = s.double(), t.double()
     if method == "kd":
         s, t = s / temperature, t / temperature
@@ -205,7 +205,8 @@ def test_flipped_sample_without_a_stored_hflip_view_gets_no_distillation(world, 
 
 def test_cache_targets_agree_with_the_live_teacher(world):
     # the online path (teacher forward on the canvas) and the cache path give the same distillation
-    # term up to the codec's quantisation (REFERENCE 6: ~2e-3 relative for 8-bit probability bins)
+    # term up to the codec's quantisation (the default codec's loss error is about 1 % on the toy
+    # teacher: docs/codec.md, section "Results")
     cfg = _cfg(world["root"], 'distill.method="adl"', "student.train.hflip=false")
     src = labeled_source(cfg, "train")
     student = build_model_for(cfg, "student", src.categories).eval()

@@ -7,7 +7,8 @@ before the host copy; decoding is a table lookup.
 
 Two codecs:
 
-- :class:`UniformProbabilityCodec` - the baseline of REFERENCE section 6: ``levels`` uniform
+- :class:`UniformProbabilityCodec` - the baseline (the best simple scheme of the prototype,
+  docs/codec.md, section "Earlier prototype measurements"): ``levels`` uniform
   bins of q = sigmoid(logit) on [0, 1], decoded to the bin centre.
 - :class:`BinnedProbabilityCodec` (the default) - bins placed where the ADL is sensitive
   (docs/codec.md has the measurements behind every choice):
@@ -81,7 +82,7 @@ def _pair_table(table: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class UniformProbabilityCodec:
-    """q = sigmoid(logit) quantised to ``levels`` uniform bins on [0, 1] (REFERENCE 6 baseline).
+    """q = sigmoid(logit) quantised to ``levels`` uniform bins on [0, 1] (the baseline of docs/codec.md).
 
     encode: float logits [...] -> uint8 codes [...]
     decode: uint8 codes [...] -> float32 logits [...] (the logit of the bin centre)
@@ -345,7 +346,8 @@ def _fit_floor_context(codes: np.ndarray, q_pow: np.ndarray, power: float):
     return (float(intercept), float(slope))
 
 # default_codec()'s decode values: BinnedProbabilityCodec() fitted on the 64 images of the toy
-# teacher (ResNet-18, 500 steps, val mAP 10.4) in /work/runs/codec_inputs/toy_teacher_500steps.pt
+# teacher (ResNet-18, 500 steps, val mAP 10.4) that benchmarks/make_codec_inputs.py saved as
+# runs/codec_inputs/toy_teacher_500steps.pt
 # (`python benchmarks/codec_fidelity.py --inputs ... --fit-default`), rounded to 6 digits.
 # Other teachers should be refitted (BinnedProbabilityCodec.fit) on a sample of their own logits.
 _TOY_TEACHER_DECODE_Q = (

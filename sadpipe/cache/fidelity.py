@@ -2,8 +2,9 @@
 
 Two measurements, used by ``benchmarks/codec_fidelity.py`` and the codec tests:
 
-- :func:`adl_fidelity` compares the normalised Adaptive Distillation Loss (REFERENCE section 1)
-  computed with decoded teacher logits against the same loss with the exact teacher logits, for a
+- :func:`adl_fidelity` compares the normalised Adaptive Distillation Loss (docs/method.md,
+  section "Adaptive Distillation Loss") computed with decoded teacher logits against the same
+  loss with the exact teacher logits, for a
   given student: relative error of the loss, cosine between the two gradients with respect to the
   student logits, and relative error of the adaptive normaliser ``max(1, sum q**power)``.
 - :func:`codec_size_report` measures the bytes the cache store spends on a codec's codes: one zstd

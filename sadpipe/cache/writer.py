@@ -1,6 +1,6 @@
 """Create a teacher-cache store, write whole shards, resume, finalise (completion mark last).
 
-Safety rules (REFERENCE section 4, docs/cache_format.md):
+Safety rules (docs/zarr_notes.md, section "Concurrent writes to one shard"; docs/cache_format.md):
 - only whole store shards are written, and each shard has one writer (rank k % world_size),
   because two processes writing inner chunks of one zarr shard lose data;
 - inside a shard, ``images/status`` is written last, so a shard is complete iff its status
