@@ -94,6 +94,31 @@ def make_toy_data_cmd(out, seed, preset, n_train, n_val, n_unlabeled):
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
+@main.command("make-backbone-weights")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(["resnet18", "resnet34", "resnet50", "resnet101"]), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True, help="Calibration batches of 8 synthetic images.")
+@_friendly_errors
+def make_backbone_weights_cmd(out, arch, seed, batches):
+    """Write STAND-IN ResNet backbone weights for tests and demos. NOT ImageNet weights.
+
+    Real ImageNet weights are needed for real results; these only behave like them under frozen
+    BatchNorm (activations of order one, every block alive: BatchNorm statistics calibrated on
+    synthetic images, small residual scales), so the COCO pipelines run end to end without a
+    download. The file is a torchvision state dict, for --set <role>.model.backbone_weights=OUT.
+
+    \b
+    Example:
+      sadpipe make-backbone-weights --arch resnet101 runs/standin_resnet101.pth
+      sadpipe train-teacher --config pipelines/coco_r101_teacher.toml --out runs/r101 \\
+          --set teacher.model.backbone_weights=runs/standin_resnet101.pth
+    """
+    from .backbone_weights import save_standin_backbone_weights
+    path = save_standin_backbone_weights(arch, out, seed=seed, batches=batches)
+    click.echo(f"wrote {path}: stand-in {arch} backbone weights (calibrated, NOT ImageNet weights; tests and demos only)")
+
+
 @main.command("train-teacher")
 @_config_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
