@@ -139,6 +139,6 @@ def check_pretrained_backbone(model: nn.Module, role: str, backbone_weights: str
             f"`sadpipe make-backbone-weights --arch {file_arch} OUT` makes a stand-in); {opt_in}")
     raise BackboneWeightsError(
         f"{role}.model.backbone_weights = {str(backbone_weights)!r}: every BatchNorm in it has running mean 0 and "
-        f"variance 1, so these are untrained weights (e.g. torchvision's {file_arch}() saved without ImageNet weights), "
-        f"not ImageNet weights; with frozen BatchNorm they let activations explode (loss nan). Use real ImageNet "
+        f"variance 1, so these are untrained weights (e.g. torchvision's {file_arch}() saved without ImageNet "
+        f"weights), not ImageNet weights; with frozen BatchNorm they let activations explode (loss nan). Use real ImageNet "
         f"weights (or for tests and demos `sadpipe make-backbone-weights --arch {file_arch} OUT`); {opt_in}")

@@ -98,7 +98,8 @@ def make_toy_data_cmd(out, seed, preset, n_train, n_val, n_unlabeled):
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--arch", type=click.Choice(["resnet18", "resnet34", "resnet50", "resnet101"]), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True, help="Calibration batches of 8 synthetic images.")
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Calibration batches of 8 synthetic images.")
 @_friendly_errors
 def make_backbone_weights_cmd(out, arch, seed, batches):
     """Write STAND-IN ResNet backbone weights for tests and demos. NOT ImageNet weights.
