@@ -80,17 +80,58 @@ def main():
 @main.command("make-toy-data")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preset", type=click.Choice(["toy", "coco"]), default="toy", show_default=True,
+              help="toy: 128 px shapes, 6 classes (pipelines/toy.toml). coco: the same shapes in COCO 2017's layout, "
+                   "80 categories and image sizes (pipelines/coco_*.toml).")
+@click.option("--train", "n_train", type=int, default=None, help="Labeled train images (toy: 1200, coco: 16).")
+@click.option("--val", "n_val", type=int, default=None, help="Labeled val images (toy: 300, coco: 8).")
+@click.option("--unlabeled", "n_unlabeled", type=int, default=None, help="Unlabeled images (toy: 2400, coco: 8).")
 @_friendly_errors
-def make_toy_data_cmd(out, seed):
-    """Write the synthetic toy dataset (COCO layout) to OUT, deterministically.
+def make_toy_data_cmd(out, seed, preset, n_train, n_val, n_unlabeled):
+    """Write a synthetic dataset (COCO format) to OUT, deterministically.
+
+    \b
+    Examples:
+      sadpipe make-toy-data data/toy --seed 0
+      sadpipe make-toy-data data/coco_like --preset coco --train 16 --val 8 --unlabeled 8
+    """
+    counts = {k: v for k, v in (("n_train", n_train), ("n_val", n_val), ("n_unlabeled", n_unlabeled)) if v is not None}
+    try:
+        if preset == "coco":
+            from .data.coco_like import make_coco_like_dataset
+            summary = make_coco_like_dataset(out, seed=seed, **counts)
+        else:
+            from .data.toy import make_toy_dataset
+            summary = make_toy_dataset(out, seed=seed, **counts)
+    except (ValueError, FileExistsError) as e:  # bad counts, or OUT holds something else
+        raise click.UsageError(str(e)) from None
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@main.command("make-backbone-weights")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(["resnet18", "resnet34", "resnet50", "resnet101"]), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Calibration batches of 8 synthetic images.")
+@_friendly_errors
+def make_backbone_weights_cmd(out, arch, seed, batches):
+    """Write STAND-IN ResNet backbone weights for tests and demos. NOT ImageNet weights.
+
+    Real ImageNet weights are needed for real results; these only behave like them under frozen
+    BatchNorm (activations of order one, every block alive: BatchNorm statistics calibrated on
+    synthetic images, small residual scales), so the COCO pipelines run end to end without a
+    download. The file is a torchvision state dict, for --set <role>.model.backbone_weights=OUT.
 
     \b
     Example:
-      sadpipe make-toy-data data/toy --seed 0
+      sadpipe make-backbone-weights --arch resnet101 runs/standin_resnet101.pth
+      sadpipe train-teacher --config pipelines/coco_r101_teacher.toml --out runs/r101 \\
+          --set teacher.model.backbone_weights=runs/standin_resnet101.pth
     """
-    from .data.toy import make_toy_dataset
-    summary = make_toy_dataset(out, seed=seed)
-    click.echo(json.dumps(summary, indent=2, default=str))
+    from .backbone_weights import save_standin_backbone_weights
+    path = save_standin_backbone_weights(arch, out, seed=seed, batches=batches)
+    click.echo(f"wrote {path}: stand-in {arch} backbone weights (calibrated, NOT ImageNet weights; tests and demos only)")
 
 
 @main.command("train-teacher")

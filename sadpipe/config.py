@@ -26,6 +26,7 @@ _MODEL = {
     "tiny_widths": [32, 64, 128, 256],
     "backbone_norm": "bn",       # bn (trainable, trains from scratch) | frozen_bn (ImageNet fine-tuning, the paper)
     "backbone_weights": "",      # optional local ImageNet state-dict file; nothing is downloaded
+    "allow_random_backbone": False,  # frozen_bn without ImageNet backbone_weights is refused unless true
     "head_norm": "group",        # group | none (torchvision v1 head has no norm)
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .backbone_weights import check_pretrained_backbone
 from .data.dataset import DetectionDataset, collate, labeled_source, seed_worker
 from .labeling import detection_loss
 from .loop import RunSpec, Stream, fit
@@ -19,13 +20,21 @@ from .transforms import geometry_from_config
 
 
 def build_model_for(cfg: dict, role: str, categories):
+    """A fresh detector for ``cfg[role]`` (teacher or student) with its backbone weights, ready to train.
+
+    Raises ``BackboneWeightsError`` for a frozen-BatchNorm backbone without trained weights unless
+    ``<role>.model.allow_random_backbone`` (see ``sadpipe.backbone_weights``).
+    """
     layout, preprocess = geometry_from_config(cfg)
     mcfg = cfg[role]["model"]
     spec = default_spec(mcfg["arch"], categories.num_classes, layout, preprocess,
                         fpn_channels=mcfg["fpn_channels"], tiny_widths=mcfg["tiny_widths"],
                         backbone_norm=mcfg["backbone_norm"], head_norm=mcfg["head_norm"],
                         category_ids=list(categories.category_ids), class_names=list(categories.names))
-    return build_detector(spec, mcfg["backbone_weights"] or None)
+    model = build_detector(spec, mcfg["backbone_weights"] or None)
+    # every model trained from a config is built here: refuse a frozen-BN backbone without trained weights
+    check_pretrained_backbone(model, role, mcfg["backbone_weights"], mcfg["allow_random_backbone"])
+    return model
 
 
 def supervised_loss(model, batch, anchors, tcfg, device):

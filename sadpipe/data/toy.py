@@ -86,19 +86,20 @@ def _gaussian_table(sigma: float) -> np.ndarray:
     return table
 
 
-@functools.lru_cache(maxsize=4)
-def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(yy, xx) float32 [size, size] in [0, 1]; read-only, shared between images."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+@functools.lru_cache(maxsize=8)
+def _unit_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(yy, xx) float32 [height, width], each in [0, 1] along its axis; read-only, shared between images."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy, xx = yy / max(height - 1, 1), xx / max(width - 1, 1)
     yy.flags.writeable = xx.flags.writeable = False
     return yy, xx
 
 
-def _background(rng: np.random.Generator, style: _Style, size: int) -> np.ndarray:
-    """float32 [size, size, 3] in [0, 255]."""
+def _background(rng: np.random.Generator, style: _Style, height: int, width: int) -> np.ndarray:
+    """float32 [height, width, 3] in [0, 255]."""
     low, high = np.array(style.palette_low, float), np.array(style.palette_high, float)
     c0, c1 = rng.uniform(low, high).astype(np.float32), rng.uniform(low, high).astype(np.float32)
-    yy, xx = _unit_grid(size)
+    yy, xx = _unit_grid(height, width)
     angle = rng.uniform(0, 2 * math.pi)
     t = xx * math.cos(angle) + yy * math.sin(angle)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
@@ -120,13 +121,13 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 def _draw_distractors(rng: np.random.Generator, style: _Style, canvas: Image.Image, scale: float) -> None:
     """Strokes and small irregular blobs that are not objects (drawn before the objects)."""
     draw = ImageDraw.Draw(canvas)
-    size = canvas.width
+    extent = (canvas.width, canvas.height)  # x, y; one uniform draw per coordinate, x first
     for _ in range(int(rng.integers(style.strokes[0], style.strokes[1] + 1))):
-        points = [tuple(float(v) for v in rng.uniform(0, size, 2)) for _ in range(int(rng.integers(2, 4)))]
+        points = [tuple(float(v) for v in rng.uniform(0, extent)) for _ in range(int(rng.integers(2, 4)))]
         colour = tuple(int(v) for v in _random_colour(rng))
         draw.line(points, fill=colour, width=int(rng.integers(1, 3)))
     for _ in range(int(rng.integers(style.blobs[0], style.blobs[1] + 1))):
-        centre = rng.uniform(0, size, 2)
+        centre = rng.uniform(0, extent)
         radius = rng.uniform(2.5, 6.0) * scale
         angles = np.sort(rng.uniform(0, 2 * math.pi, 9))
         radii = radius * rng.uniform(0.7, 1.2, 9)
@@ -135,14 +136,14 @@ def _draw_distractors(rng: np.random.Generator, style: _Style, canvas: Image.Ima
         draw.polygon(points, fill=tuple(int(v) for v in _random_colour(rng)))
 
 
-def _shape_outline(rng: np.random.Generator, label: int, extent: float, size: int):
-    """Random placement of one shape: ``("ellipse", (x0, y0, x1, y1), ring_width)`` or
-    ``("polygon", float [P, 2] vertices, 0)`` in image pixels; ``extent`` is the nominal size."""
+def _shape_outline(rng: np.random.Generator, shape: int, extent: float, height: int, width: int):
+    """Random placement of shape ``TOY_CATEGORIES[shape]``: ``("ellipse", (x0, y0, x1, y1), ring_width)``
+    or ``("polygon", float [P, 2] vertices, 0)`` in image pixels; ``extent`` is the nominal size."""
     r = extent / 2
-    centre = rng.uniform(r, size - r, 2)  # shapes lie (almost) fully inside the image
+    centre = rng.uniform((r, r), (width - r, height - r))  # (x, y): shapes lie (almost) fully inside the image
     angle = rng.uniform(0, 2 * math.pi)
     aspect = math.exp(rng.uniform(-0.15, 0.15))
-    name = TOY_CATEGORIES[label]
+    name = TOY_CATEGORIES[shape]
     if name in ("circle", "ring"):
         rx, ry = r * aspect, r / aspect
         width = 0 if name == "circle" else max(3, int(round(0.22 * extent)))
@@ -166,12 +167,12 @@ def _shape_outline(rng: np.random.Generator, label: int, extent: float, size: in
     return "polygon", local @ np.array([[c, s], [-s, c]]) + centre, 0
 
 
-def _shape_mask(rng: np.random.Generator, label: int, extent: float, size: int):
+def _shape_mask(rng: np.random.Generator, shape: int, extent: float, height: int, width: int):
     """Rasterise one random shape: ``(y0, x0, bool [h, w])`` crop of the image, or None if empty."""
-    kind, geometry, ring_width = _shape_outline(rng, label, extent, size)
+    kind, geometry, ring_width = _shape_outline(rng, shape, extent, height, width)
     points = np.asarray(geometry, dtype=np.float64).reshape(-1, 2)
     x0, y0 = (max(0, int(math.floor(v)) - 1) for v in points.min(axis=0))
-    x1, y1 = (min(size, int(math.ceil(v)) + 2) for v in points.max(axis=0))
+    x1, y1 = (min(limit, int(math.ceil(v)) + 2) for v, limit in zip(points.max(axis=0), (width, height)))
     if x1 <= x0 or y1 <= y0:
         return None
     crop = Image.new("L", (x1 - x0, y1 - y0), 0)
@@ -189,27 +190,33 @@ def _shape_mask(rng: np.random.Generator, label: int, extent: float, size: int):
     return (y0, x0, mask) if mask.any() else None
 
 
-def render_toy_image(rng: np.random.Generator, split: str, image_size: int = 128):
-    """One image: ``(uint8 [S, S, 3], list of (label, (x1, y1, x2, y2), visible_area))``.
+def render_toy_image(rng: np.random.Generator, split: str, image_size: int | tuple[int, int] = 128,
+                     num_classes: int = len(TOY_CATEGORIES)):
+    """One image: ``(uint8 [H, W, 3], list of (label, (x1, y1, x2, y2), visible_area))``.
 
-    Boxes are tight pixel-edge boxes of visible pixels (x2, y2 exclusive), labels 0..5.
+    ``image_size`` is S (a square S x S image) or ``(H, W)``; sizes of objects and clutter scale
+    with ``min(H, W) / 128``. ``split`` ("train", "val" or "unlabeled") picks the style.
+    Boxes are tight pixel-edge boxes of visible pixels (x2, y2 exclusive). Labels are in
+    ``[0, num_classes)`` and label ``k`` is drawn as shape ``TOY_CATEGORIES[k % 6]``: with more
+    than six classes, classes sharing a shape look alike (see ``sadpipe.data.coco_like``).
     """
     style = _STYLES[split]
-    scale = image_size / 128.0
-    canvas = Image.fromarray(_background(rng, style, image_size).round().astype(np.uint8))
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    scale = min(height, width) / 128.0
+    canvas = Image.fromarray(_background(rng, style, height, width).round().astype(np.uint8))
     _draw_distractors(rng, style, canvas, scale)
     pixels = np.asarray(canvas, dtype=np.float32).copy()
 
-    owner = np.full((image_size, image_size), -1, np.int32)  # index of the object visible at a pixel
+    owner = np.full((height, width), -1, np.int32)  # index of the object visible at a pixel
     full_areas: list[int] = []
     visible_areas: list[int] = []
     labels: list[int] = []
     log_lo, log_hi = math.log(style.min_size * scale), math.log(style.max_size * scale)
     for _ in range(int(rng.integers(1, 7))):
-        label = int(rng.integers(len(TOY_CATEGORIES)))
+        label = int(rng.integers(num_classes))
         extent = math.exp(rng.uniform(log_lo, log_hi))
         for _attempt in range(_PLACEMENT_TRIES):
-            placed = _shape_mask(rng, label, extent, image_size)
+            placed = _shape_mask(rng, label % len(TOY_CATEGORIES), extent, height, width)
             if placed is None:
                 continue
             y0, x0, mask = placed
@@ -258,7 +265,7 @@ def render_toy_image(rng: np.random.Generator, split: str, image_size: int = 128
 
 # ---------------------------------------------------------------------------- dataset files
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n", encoding="utf-8")
 
 
@@ -266,8 +273,13 @@ def _coco_categories() -> list[dict[str, Any]]:
     return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(TOY_CATEGORIES)]
 
 
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of image ``index`` of ``split``: images do not depend on each other."""
+    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_SEED_CODE[split], index]))
+
+
 def _render_chunk(out_dir: str, split: str, start: int, stop: int, seed: int, image_size: int):
-    """Render and save images ``start..stop-1`` of a split; returns ``[(image_id, objects)]``.
+    """Render and save images ``start..stop-1`` of a split; returns ``[(COCO image entry, objects)]``.
 
     Runs in a worker process: a module-level function with plain arguments.
     """
@@ -275,11 +287,11 @@ def _render_chunk(out_dir: str, split: str, start: int, stop: int, seed: int, im
     results = []
     for index in range(start, stop):
         image_id = SPLIT_FIRST_ID[split] + index
-        rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_SEED_CODE[split], index]))
-        pixels, objects = render_toy_image(rng, split, image_size)
+        pixels, objects = render_toy_image(image_rng(seed, split, index), split, image_size)
         # compress_level 1: the noise makes higher levels barely smaller but slower
         Image.fromarray(pixels).save(images_dir / _file_name(image_id), format="PNG", compress_level=1)
-        results.append((image_id, objects))
+        entry = {"id": image_id, "file_name": _file_name(image_id), "height": image_size, "width": image_size}
+        results.append((entry, objects))
     return results
 
 
@@ -287,37 +299,58 @@ def _file_name(image_id: int) -> str:
     return f"{image_id:012d}.png"  # COCO naming: UnlabeledSource recovers the id from the stem
 
 
-def _coco_split(results, image_size: int, first_annotation_id: int):
-    """COCO ``images`` and ``annotations`` lists from ``[(image_id, objects)]``."""
+def coco_split(results, first_annotation_id: int, category_ids=None):
+    """COCO ``images`` and ``annotations`` lists from ``[(COCO image entry, objects)]``.
+
+    ``objects`` are ``render_toy_image``'s; label ``k`` becomes category id ``category_ids[k]``
+    (default ``k + 1``). Annotation ids count up from ``first_annotation_id``.
+    """
     images, annotations = [], []
-    for image_id, objects in results:
-        images.append({"id": image_id, "file_name": _file_name(image_id),
-                       "height": image_size, "width": image_size})
+    for entry, objects in results:
+        image_id = entry["id"]
+        images.append(entry)
         for label, (x1, y1, x2, y2), area in objects:
             annotations.append({"id": first_annotation_id + len(annotations), "image_id": image_id,
-                                "category_id": label + 1,
+                                "category_id": label + 1 if category_ids is None else category_ids[label],
                                 "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
                                 "area": float(area), "iscrowd": 0})
     return images, annotations
 
 
-def _render_all(out_dir: Path, counts: dict[str, int], seed: int, image_size: int, workers: int):
-    """``{split: [(image_id, objects)]}`` in image order, rendering chunks on ``workers`` processes."""
-    tasks = [(str(out_dir), split, start, min(start + _CHUNK, count), seed, image_size)
-             for split, count in counts.items() for start in range(0, count, _CHUNK)]
-    for split in counts:
-        (out_dir / split / "images").mkdir(parents=True, exist_ok=True)
+def render_splits(render_chunk, out_dir: Path, counts: dict[str, int], seed: int, size_arg, workers: int,
+                  chunk: int = _CHUNK) -> dict[str, list]:
+    """``{split: [result of render_chunk per image]}`` in image order.
+
+    ``render_chunk(out_dir: str, split, start, stop, seed, size_arg)`` renders and saves images
+    ``start..stop-1`` of a split and returns one result per image; chunks run on ``workers``
+    processes (it must be a module-level function). The files do not depend on ``workers``.
+    """
+    tasks = [(str(out_dir), split, start, min(start + chunk, count), seed, size_arg)
+             for split, count in counts.items() for start in range(0, count, chunk)]
     if workers <= 1 or len(tasks) <= 1:
-        chunks = [_render_chunk(*task) for task in tasks]
+        chunks = [render_chunk(*task) for task in tasks]
     else:
         # spawn, not fork: the caller may hold torch/OpenMP threads that fork would copy badly
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            chunks = list(pool.map(_render_chunk, *zip(*tasks)))
+            chunks = list(pool.map(render_chunk, *zip(*tasks)))
     results: dict[str, list] = {split: [] for split in counts}
-    for task, chunk in zip(tasks, chunks):
-        results[task[1]].extend(chunk)
+    for task, rendered in zip(tasks, chunks):
+        results[task[1]].extend(rendered)
     return results
+
+
+def _render_all(out_dir: Path, counts: dict[str, int], seed: int, image_size: int, workers: int):
+    """``{split: [(COCO image entry, objects)]}`` in image order, rendering on ``workers`` processes."""
+    for split in counts:
+        (out_dir / split / "images").mkdir(parents=True, exist_ok=True)
+    return render_splits(_render_chunk, out_dir, counts, seed, image_size, workers)
+
+
+def check_counts(counts: dict[str, int]) -> None:
+    for split, count in counts.items():
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_IMAGES_PER_SPLIT:
+            raise ValueError(f"n_{split} must be an integer in [0, {MAX_IMAGES_PER_SPLIT}], got {count!r}")
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -346,9 +379,7 @@ def make_toy_dataset(out_dir, seed: int = 0, *, n_train: int = 1200, n_val: int 
     ``workers`` processes render images (default: up to 2); the files do not depend on it.
     """
     counts = {"train": n_train, "val": n_val, "unlabeled": n_unlabeled}
-    for split, count in counts.items():
-        if not isinstance(count, int) or not 0 <= count <= MAX_IMAGES_PER_SPLIT:
-            raise ValueError(f"n_{split} must be an integer in [0, {MAX_IMAGES_PER_SPLIT}], got {count!r}")
+    check_counts(counts)
     if not isinstance(image_size, int) or image_size < 64:
         raise ValueError(f"image_size must be an integer >= 64, got {image_size!r}")
     if workers is None:
@@ -359,16 +390,16 @@ def make_toy_dataset(out_dir, seed: int = 0, *, n_train: int = 1200, n_val: int 
     rendered = _render_all(out_dir, counts, seed, image_size, workers)
     objects = {}
     for split in counts:
-        images, annotations = _coco_split(rendered[split], image_size, SPLIT_FIRST_ID[split] * 10)
+        images, annotations = coco_split(rendered[split], SPLIT_FIRST_ID[split] * 10)
         objects[split] = len(annotations)
         instances = {"info": info, "licenses": [], "images": images, "annotations": annotations,
                      "categories": _coco_categories()}
         if split == "unlabeled":
-            _write_json(out_dir / split / "image_info.json",
+            write_json(out_dir / split / "image_info.json",
                         {"info": info, "licenses": [], "images": images, "categories": _coco_categories()})
-            _write_json(out_dir / split / "hidden_annotations.json", instances)
+            write_json(out_dir / split / "hidden_annotations.json", instances)
         else:
-            _write_json(out_dir / split / "annotations.json", instances)
+            write_json(out_dir / split / "annotations.json", instances)
     summary = {
         "generator": "sadpipe.data.toy",
         "generator_version": GENERATOR_VERSION,
@@ -386,5 +417,5 @@ def make_toy_dataset(out_dir, seed: int = 0, *, n_train: int = 1200, n_val: int 
         },
         "unlabeled_shift": "wavy darker warm backgrounds, stronger noise, more strokes, objects ~20% smaller",
     }
-    _write_json(out_dir / "toy_dataset.json", summary)  # written last: marks a complete dataset
+    write_json(out_dir / "toy_dataset.json", summary)  # written last: marks a complete dataset
     return {**summary, "out_dir": str(out_dir)}
