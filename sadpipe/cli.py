@@ -15,7 +15,8 @@ from . import __version__
 def _config_options(fn):
     """--config, --set, --device shared by the commands that read a pipeline config."""
     @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="Pipeline TOML (see pipelines/). Default: pipelines/toy.toml.")
+                  help="Pipeline TOML, or the name of a shipped one (toy, coco_r101_teacher, coco_sad_r50). "
+                       "Default: the toy pipeline.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a config key, e.g. --set teacher.train.lr=0.01 (repeatable).")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -24,10 +25,10 @@ def _config_options(fn):
     def wrapper(*args, config_path, overrides, **kwargs):
         from .config import load_config
         from .demo import default_pipeline
-        from .errors import USER_ERRORS
+        from .errors import UserError
         try:
             cfg = load_config(config_path or default_pipeline(), overrides)
-        except USER_ERRORS as e:
+        except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         return fn(*args, cfg=cfg, **kwargs)
@@ -52,10 +53,10 @@ def _friendly_errors(fn):
     """Turn the library's user-facing exceptions into one clear line and exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import USER_ERRORS
+        from .errors import UserError
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
     return wrapper

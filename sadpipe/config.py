@@ -14,9 +14,10 @@ import tomllib
 from pathlib import Path
 
 import tomli_w
+from .errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -175,11 +176,28 @@ def apply_override(cfg: dict, assignment: str) -> dict:
     return _merge(cfg, nested, "")
 
 
+def shipped_pipelines() -> dict[str, Path]:
+    """The pipelines installed with sadpipe (sadpipe/pipelines/*.toml): name -> file."""
+    folder = Path(__file__).resolve().parent / "pipelines"
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def pipeline_path(path: str | Path) -> Path:
+    """A pipeline file: ``path`` itself when it exists, else a shipped pipeline of that name
+    (``toy``, ``toy.toml`` or ``pipelines/toy.toml`` from any folder)."""
+    path = Path(path)
+    shipped = shipped_pipelines()
+    if not path.exists() and path.stem in shipped and path.suffix in ("", ".toml"):
+        return shipped[path.stem]
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """DEFAULTS <- pipeline file <- overrides. Relative data paths resolve against data.root."""
+    """DEFAULTS <- pipeline file <- overrides. Relative data paths resolve against data.root.
+    ``path`` may name a shipped pipeline (see :func:`pipeline_path`)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = Path(path)
+        path = pipeline_path(path)
         try:
             loaded = tomllib.loads(path.read_text())
         except FileNotFoundError:

@@ -12,15 +12,16 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import load_config
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .errors import MissingInputError
+from .config import load_config, shipped_pipelines
 
 
 def default_pipeline() -> Path:
-    path = REPO_ROOT / "pipelines" / "toy.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run sadpipe from a checkout (pip install -e .) or pass --config")
+    """The toy pipeline shipped inside the package (works from any folder, installed or not)."""
+    path = shipped_pipelines().get("toy")
+    if path is None:
+        raise MissingInputError("the shipped pipeline sadpipe/pipelines/toy.toml is missing from this install; "
+                                "reinstall sadpipe or pass --config")
     return path
 
 

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
 from .training import DistInfo
 
 
@@ -55,7 +56,6 @@ def _report(rank: int, error: BaseException) -> dict:
 
 def _rebuild(report: dict) -> Exception:
     """The failed rank's user error as the same class and message, else a PeerRankError."""
-    from .errors import USER_ERRORS  # late: errors.py imports most of the package
 
     summary = f"{report['qualname']}: {report['message']}"
     try:
@@ -64,7 +64,7 @@ def _rebuild(report: dict) -> Exception:
             cls = getattr(cls, name)
     except (ImportError, AttributeError):
         cls = None
-    if isinstance(cls, type) and issubclass(cls, USER_ERRORS) and issubclass(cls, Exception):
+    if isinstance(cls, type) and issubclass(cls, UserError) and issubclass(cls, Exception):
         # bypass the class's own __init__ (its arguments, e.g. ImageReadError(path, problem, fix),
         # are not at hand): the message becomes its only argument and its attributes come back
         error = cls.__new__(cls, report["message"])

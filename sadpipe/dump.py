@@ -26,6 +26,7 @@ import tomli_w
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import UserError
 from .cache.codec import codec_from_dict, default_codec
 from .cache.format import METADATA_ATTR, ImageResult, StoreSpec, ViewResult
 from .cache.storage import StoreLocation, store_location
@@ -56,7 +57,7 @@ STORED_CONFIG_SECTIONS = ("name", "data", "geometry", "detect", "dump", "teacher
 POSTPROCESS_ON_THREAD_ON_CPU = True
 
 
-class DumpError(ValueError):
+class DumpError(UserError, ValueError):
     pass
 
 

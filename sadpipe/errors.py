@@ -1,23 +1,18 @@
-"""The exceptions that report a user's mistake (bad input, config or file), not a bug.
+"""The base of every exception that reports a user's mistake (bad input, config, file or store),
+not a bug.
 
-The CLI prints them as one line and exits with status 2; everything else keeps its traceback.
+Each module defines its own errors as subclasses of :class:`UserError` (with the builtin they
+refine, e.g. ``ValueError``, so ``except ValueError`` still catches them). The CLI prints any
+``UserError`` as one line and exits with status 2; everything else keeps its traceback. Under
+torchrun, ``distributed.fail_together`` re-raises a rank's user error on every rank.
+
+This module imports nothing from sadpipe, so every module can import it.
 """
 
-from .cache.format import CacheStoreError
-from .config import ConfigError
-from .data.coco import CocoFormatError
-from .data.dataset import DataConfigError
-from .data.images import ImageReadError
-from .models import CheckpointError
-from .training import TrainingError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CocoFormatError, DataConfigError, ImageReadError,
-                                                CheckpointError, TrainingError, CacheStoreError, FileNotFoundError)
+class UserError(Exception):
+    """A mistake the user can fix; the message names the file or key at fault and the fix."""
 
 
-def _late_errors() -> tuple[type[BaseException], ...]:
-    from .dump import DumpError
-    return (DumpError,)
-
-
-USER_ERRORS = USER_ERRORS + _late_errors()
+class MissingInputError(UserError, FileNotFoundError):
+    """An input file or folder the user named does not exist."""

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from .errors import MissingInputError
 
 __all__ = ["METRIC_NAMES", "coco_evaluate", "detections_to_coco", "format_metrics_table", "load_coco_gt"]
 
@@ -36,7 +37,7 @@ def load_coco_gt(gt: str | os.PathLike | COCO, *, verbose: bool = False) -> COCO
         return gt
     path = os.fspath(gt)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"COCO ground-truth file {path!r} does not exist; pass an instances_*.json path")
+        raise MissingInputError(f"COCO ground-truth file {path!r} does not exist; pass an instances_*.json path")
     with _quiet(verbose):
         return COCO(path)
 

@@ -29,6 +29,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .errors import UserError
 from .data.coco import COCO80_CATEGORY_IDS, torchvision_coco91_to_80_channels
 from .geometry import AnchorLayout
 from .transforms import Preprocess
@@ -41,7 +42,7 @@ TORCHVISION_ARCHS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")
 ARCHS = ("tiny",) + tuple(RESNETS) + TORCHVISION_ARCHS
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
 
 

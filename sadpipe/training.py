@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 from tqdm import tqdm
+from .errors import UserError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 

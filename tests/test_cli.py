@@ -218,3 +218,29 @@ def test_import_checkpoint_from_mmdet(tmp_path):
     assert result.exit_code == 2 and "--from torchvision needs --arch and --num-classes" in result.stderr
     result = _run(["import-checkpoint", "--from", "mmdet", str(src), str(dst), "--arch", "resnet50"])
     assert result.exit_code == 2 and "a checkpoint from mmdet brings its own" in result.stderr
+
+
+def test_every_user_error_shares_one_base_the_cli_catches():
+    """One base class, no hand-kept list: each module's user errors are UserErrors (and still the
+    builtin they refine), and the CLI catches exactly that base."""
+    import inspect as _inspect
+
+    import sadpipe.cli as cli_module
+    from sadpipe.cache.format import CacheStoreError, CacheMismatchError
+    from sadpipe.config import ConfigError
+    from sadpipe.data.coco import CocoFormatError
+    from sadpipe.data.dataset import DataConfigError
+    from sadpipe.data.images import ImageReadError
+    from sadpipe.dump import DumpError
+    from sadpipe.errors import MissingInputError, UserError
+    from sadpipe.models import CheckpointError
+    from sadpipe.training import TrainingError
+
+    for cls in (ConfigError, CocoFormatError, DataConfigError, ImageReadError, CheckpointError, TrainingError,
+                CacheStoreError, CacheMismatchError, DumpError, MissingInputError):
+        assert issubclass(cls, UserError), cls
+    assert issubclass(ConfigError, ValueError) and issubclass(TrainingError, RuntimeError)
+    assert issubclass(MissingInputError, FileNotFoundError)
+    assert not issubclass(FileNotFoundError, UserError)  # a bug's missing file keeps its traceback
+    source = _inspect.getsource(cli_module)
+    assert "except UserError" in source and "USER_ERRORS" not in source

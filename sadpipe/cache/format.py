@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sadpipe.cache.codec import codec_from_dict
+from sadpipe.errors import UserError
 
 # Version 2: compact teacher targets (sparse entries above the background bin, cache/targets.py)
 # and packed detections; version 1 stored dense [A_max, K] codes per image.
@@ -54,7 +55,7 @@ STRUCTURAL_KEYS = (
 NOT_COMPARED_ON_RESUME = ("created_at", "sadpipe_version")
 
 
-class CacheStoreError(Exception):
+class CacheStoreError(UserError):
     """Base class of all teacher-cache store errors."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sadpipe.data.images import image_size
+from ..errors import MissingInputError, UserError
 
 __all__ = [
     "CocoFormatError", "ImageRecord", "CategoryMap", "torchvision_coco91_to_80_channels", "COCO80_CATEGORY_IDS",
@@ -32,7 +33,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 MIN_BOX_SIDE = 1.0
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(UserError, ValueError):
     """A COCO JSON file is malformed; the message names the file and what to fix."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
@@ -135,7 +136,7 @@ def torchvision_coco91_to_80_channels(category_ids: Sequence[int] | CategoryMap)
 
 def _load_json(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {str(path)!r} does not exist; check the path")
+        raise MissingInputError(f"annotation file {str(path)!r} does not exist; check the path")
     try:
         with open(path, "rb") as f:
             return json.load(f)
@@ -335,12 +336,12 @@ class UnlabeledSource:
 
     def _scan_folder(self, recursive: bool) -> list[ImageRecord]:
         if not self.images_dir.is_dir():
-            raise FileNotFoundError(f"unlabeled images folder {str(self.images_dir)!r} does not exist")
+            raise MissingInputError(f"unlabeled images folder {str(self.images_dir)!r} does not exist")
         pattern = self.images_dir.rglob("*") if recursive else self.images_dir.iterdir()
         names = sorted(p.relative_to(self.images_dir).as_posix() for p in pattern
                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not names:
-            raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in "
+            raise MissingInputError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in "
                                     f"{str(self.images_dir)!r}")
         records: dict[int, ImageRecord] = {}
         for name in names:

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..config import data_path
 from ..transforms import Preprocess, hflip, pad_batch, scale_boxes
 from .coco import CocoDetectionSource, UnlabeledSource
 from .images import read_image
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     pass
 
 

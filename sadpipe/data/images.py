@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from ..errors import UserError
+
 __all__ = ["ImageReadError", "read_image", "image_size"]
 
 # EXIF orientations 5..8 rotate by 90 or 270 degrees, i.e. swap height and width.
@@ -36,7 +38,7 @@ _ORIENTATIONS_SWAPPING_AXES = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An image file could not be read; the message names the file, the problem and a fix."""
 
     def __init__(self, path: str | os.PathLike, problem: str, fix: str):
