@@ -62,6 +62,10 @@ DEFAULTS: dict = {
         "train_images": "", "train_annotations": "",
         "val_images": "", "val_annotations": "",
         "unlabeled_images": "", "unlabeled_annotations": "",
+        # > 0: hold out this fraction of the labeled train images (chosen by image id) for tuning;
+        # training uses the rest and evaluation ("val") uses the held-out images, so loss weights
+        # and thresholds are never chosen on val
+        "tune_holdout": 0.0,
     },
     "geometry": {
         "min_size": 800,
@@ -92,7 +96,7 @@ DEFAULTS: dict = {
         "codec": {},             # empty: sadpipe.cache.codec.default_codec()
     },
     "distill": {
-        "method": "sad",         # none | kd | fdl | adl | sad | data_distillation
+        "method": "sad",         # none | kd | fdl | adl | sad | data_distillation | weighted_ce
         "loss_weight": 0.5,      # released code's alpha on the distillation term
         "beta": 1.0,             # paper convention (released beta_code = 1 - beta)
         "gamma": 2.0,
@@ -103,6 +107,11 @@ DEFAULTS: dict = {
         "unlabeled_mix": "alternate",  # alternate labeled / mixed batches (released code) | labeled_only
         "pseudo_labels": False,  # add focal/box losses on unlabeled images against the teacher's detections
         "pseudo_score_thresh": 0.5,
+        # Chen et al. 2017 baselines (docs/method.md, section "Chen et al.'s baselines"):
+        "hard_weight": 0.5,      # weighted_ce: mu in mu * hard + (1 - mu) * soft classification loss
+        "background_weight": 1.5,  # weighted_ce: w_0 on the "not this class" side of each entry
+        "bounded_regression_weight": 0.0,  # nu of the teacher-bounded regression loss (0: off; Chen: 0.5)
+        "bounded_regression_margin": 0.0,  # m: no loss once the student beats the teacher by m
         "online_teacher": "",    # benchmark only: a teacher checkpoint run live every step instead of the cache
         "shard_window": 0,       # 0: random order; W >= 1: mix W cache shards at a time, read ahead (shard_sampler.py)
     },

@@ -12,6 +12,10 @@ Methods (``distill.method``):
   adl                + ADL on labeled images
   sad                + ADL on labeled and unlabeled images (the paper's SAD)
   data_distillation  hard pseudo-labels (teacher detections above a score) on unlabeled images
+  weighted_ce        Chen et al. 2017: mu * focal + (1 - mu) * class-weighted soft cross-entropy
+
+``distill.bounded_regression_weight`` > 0 adds Chen et al.'s teacher-bounded regression loss
+(any method; the cache must hold the teacher's box regression: dump with --with-box-regression).
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ from .cache.targets import decode as decode_targets
 from .config import path_in_data_root
 from .data.dataset import DetectionDataset, collate, labeled_source, seed_worker, unlabeled_source
 from .geometry import image_to_batch_index
-from .labeling import IGNORED, detection_loss
+from .labeling import IGNORED, detection_loss, foreground_box_targets
 from .loop import RunSpec, Stream, fit
 from .models import load_detector
 from .predict import autocast
 from .train import build_model_for, val_evaluator
 from .training import TrainingError, init_distributed, move_to, seed_everything, select_device
 
-METHODS = ("none", "kd", "fdl", "adl", "sad", "data_distillation")
-SOFT_LOSS = {"kd", "fdl", "adl", "sad"}
+METHODS = ("none", "kd", "fdl", "adl", "sad", "data_distillation", "weighted_ce")
+SOFT_LOSS = {"kd", "fdl", "adl", "sad", "weighted_ce"}
 USES_UNLABELED = {"sad", "data_distillation"}
 
 
@@ -50,8 +54,9 @@ class WithTeacher(Dataset):
     """
 
     def __init__(self, base: DetectionDataset, cache: TeacherCache | None, pseudo_thresh: float | None,
-                 cached_ids: set[int] | None = None):
+                 cached_ids: set[int] | None = None, box_regression: bool = False):
         self.base, self.cache, self.pseudo_thresh = base, cache, pseudo_thresh
+        self.box_regression = box_regression
         self.cached_ids = cached_ids if cached_ids is not None else (
             set(cache.ok_image_ids()) if cache is not None else set())
 
@@ -64,6 +69,7 @@ class WithTeacher(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
         sample["teacher"] = None
+        sample["teacher_box"] = None
         image_id, view = sample["image_id"], sample["view"]
         if self.cache is None or view not in self.cache.views or image_id not in self.cached_ids:
             return sample
@@ -72,6 +78,8 @@ class WithTeacher(Dataset):
             raise TrainingError(f"image {image_id} ({sample['path']}): cached padded size {facts['padded_size']} "
                                 f"differs from this run's {sample['padded_size']}; the image file changed since the dump")
         sample["teacher"] = self.cache.get_compact(image_id, view)
+        if self.box_regression:  # float16 [A_img, 4], the teacher's deltas in the image's anchor order
+            sample["teacher_box"] = self.cache.get_box_regression(image_id, view)
         if self.pseudo_thresh is not None and not sample["labeled"]:
             boxes, scores, labels = self.cache.get_detections(image_id, view)
             keep = scores >= self.pseudo_thresh
@@ -153,16 +161,26 @@ def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None, code_ta
                     "iscrowd": batch["iscrowd"][i].to(device)} for i in sel]
         det = detection_loss(cls_logits[sel], bbox[sel], anchors(canvas), targets, focal_alpha=tcfg["focal_alpha"],
                              focal_gamma=tcfg["focal_gamma"], box_loss=tcfg["box_loss"])
-        hard = det["classification"] + tcfg["box_loss_weight"] * det["box_regression"]
+        cls_weight = dcfg["hard_weight"] if method == "weighted_ce" else 1.0  # Chen et al.'s mu
+        hard = cls_weight * det["classification"] + tcfg["box_loss_weight"] * det["box_regression"]
         total = total + hard * len(sel) / len(has_targets)  # an unlabeled sample without targets adds no hard loss
         terms.update(cls=det["classification"].item(), box=det["box_regression"].item())
         matched = dict(zip(sel, det["matched_idxs"]))
 
+    t_canvas = t_box_canvas = None
+    if teacher is not None and (method in SOFT_LOSS or dcfg["bounded_regression_weight"] > 0):
+        # online distillation (benchmark): the teacher sees the same canvas
+        with torch.no_grad(), autocast(device, True):
+            t_canvas, t_box_canvas = (t.float() for t in teacher(move_to(batch["images"], device)))
+    if dcfg["bounded_regression_weight"] > 0 and matched:
+        bounded = bounded_regression(bbox, batch, anchors(canvas), matched, t_box_canvas, student_layout(student),
+                                     dcfg["bounded_regression_margin"], device)
+        if bounded is not None:
+            total = total + dcfg["bounded_regression_weight"] * bounded
+            terms["bounded"] = bounded.item()
+
     # -- soft targets from the teacher
     if method in SOFT_LOSS:
-        if teacher is not None:  # online distillation (benchmark): the teacher sees the same canvas
-            with torch.no_grad(), autocast(device, True):
-                t_canvas = teacher(move_to(batch["images"], device))[0].float()
         s_parts, t_parts, m_parts = [], [], []
         for i in range(len(batch["image_id"])):
             if teacher is None and batch["teacher"][i] is None:
@@ -183,6 +201,8 @@ def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None, code_ta
             s, t, m = torch.cat(s_parts), torch.cat(t_parts), torch.cat(m_parts)[:, None]
             if method == "kd":
                 per_entry = losses.binary_kd_loss(s, t, temperature=dcfg["temperature"])
+            elif method == "weighted_ce":
+                per_entry = losses.weighted_soft_cross_entropy(s, t, background_weight=dcfg["background_weight"])
             else:
                 beta = 0.0 if method == "fdl" else dcfg["beta"]
                 per_entry = losses.adaptive_distillation_loss(s, t, beta=beta, gamma=dcfg["gamma"],
@@ -193,10 +213,43 @@ def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None, code_ta
                 fg = sum(int((matched[i] >= 0).sum()) for i in matched) if matched else 0
                 norm = losses.foreground_normalizer(fg)
             soft = (per_entry * m).sum() / norm
-            total = total + dcfg["loss_weight"] * soft
+            # weighted_ce mixes hard and soft classification as Chen et al. do: (1 - mu) on the soft part
+            soft_weight = (1.0 - dcfg["hard_weight"]) if method == "weighted_ce" else dcfg["loss_weight"]
+            total = total + soft_weight * soft
             terms.update(distill=soft.item(), normalizer=float(norm))
     terms["loss"] = total.item()
     return total, terms
+
+
+def bounded_regression(bbox, batch, anchors, matched: dict, t_box_canvas, layout, margin: float, device):
+    """Chen et al.'s teacher-bounded regression term of a batch: the sum over the foreground
+    anchors of the samples with targets (``matched``: sample index -> int64 [A_canvas]) of
+    :func:`losses.teacher_bounded_regression_loss`, divided by their number. The teacher's deltas
+    come from the live teacher (``t_box_canvas`` [B, A_canvas, 4]) or from the cache records
+    (``batch["teacher_box"]``, the image's anchor order); anchors without a teacher value are
+    left out. Returns None when no foreground anchor has one."""
+    s_parts, t_parts, y_parts = [], [], []
+    for i, m in matched.items():
+        if t_box_canvas is not None:
+            t_box = t_box_canvas[i]
+        elif batch["teacher_box"][i] is not None:
+            idx = image_to_batch_index(layout, batch["padded_size"][i], batch["canvas"]).to(device)
+            t_box = torch.full((m.numel(), 4), float("nan"), device=device)
+            t_box[idx] = batch["teacher_box"][i].to(device).float()
+        else:
+            continue
+        fg, y = foreground_box_targets(anchors, batch["boxes"][i].to(device), m)
+        t_fg = t_box[fg]
+        known = torch.isfinite(t_fg).all(dim=1)
+        s_parts.append(bbox[i, fg[known]])
+        t_parts.append(t_fg[known])
+        y_parts.append(y[known])
+    n = sum(len(p) for p in s_parts)
+    if n == 0:
+        return None
+    per_box = losses.teacher_bounded_regression_loss(torch.cat(s_parts), torch.cat(t_parts), torch.cat(y_parts),
+                                                     margin=margin)
+    return per_box.sum() / n
 
 
 def student_layout(student):
@@ -221,16 +274,22 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
     # -- the student, and the cache it must fit
     train_src = labeled_source(cfg, "train")
     student = build_model_for(cfg, "student", train_src.categories).to(dev)
-    needs_cache = method != "none"
-    online = bool(dcfg["online_teacher"]) and method in SOFT_LOSS
+    bounded = dcfg["bounded_regression_weight"] > 0
+    needs_cache = method != "none" or bounded
+    online = bool(dcfg["online_teacher"]) and (method in SOFT_LOSS or bounded)
     cache = None
     if needs_cache and not online:
         if cache_path is None:
-            raise TrainingError(f"distill.method={method} needs a teacher cache: pass --cache STORE "
-                                "(made by sadpipe dump-teacher), or --set distill.method=none")
+            raise TrainingError(f"distill.method={method}" + (" with distill.bounded_regression_weight > 0" if bounded else "")
+                                + " needs a teacher cache: pass --cache STORE (made by sadpipe dump-teacher), "
+                                "or --set distill.method=none")
         cache = TeacherCache(cache_path)
         cache.check_compatible(layout=student.layout.to_dict(), category_ids=student.spec["category_ids"],
                                class_names=student.spec["class_names"], preprocessing=student.preprocess.to_dict())
+        if bounded and not cache.metadata["with_box_regression"]:
+            raise TrainingError(f"distill.bounded_regression_weight > 0 needs the teacher's box regression, which "
+                                f"the cache {cache.path} does not keep: re-dump with `sadpipe dump-teacher "
+                                "--with-box-regression`, or set distill.bounded_regression_weight=0")
     teacher = load_detector(dcfg["online_teacher"]).to(dev).eval() if online else None
 
     # -- data: a labeled stream and (SAD, data distillation) a mixed labeled + unlabeled stream
@@ -245,7 +304,7 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
     def labeled_dataset() -> WithTeacher:
         # one instance per stream: a stream's set_epoch (flip decisions) must not reach the other stream
         return WithTeacher(DetectionDataset(train_src, student.preprocess, image_ids=labeled_ids, hflip=flip,
-                                            seed=tcfg["seed"]), cache, pseudo)
+                                            seed=tcfg["seed"]), cache, pseudo, box_regression=bounded)
 
     labeled = labeled_dataset()
     loader_kw = dict(collate_fn=collate, num_workers=tcfg["num_workers"], worker_init_fn=seed_worker,
@@ -260,7 +319,7 @@ def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path,
         # unlabeled images are flipped only when the cache has their flipped view (they have nothing else to learn)
         unl_flip = flip and (cache is None or "hflip" in cache.views)
         unlabeled = WithTeacher(DetectionDataset(unl_src, student.preprocess, image_ids=unl_ids, hflip=unl_flip,
-                                                 seed=tcfg["seed"]), cache, pseudo)
+                                                 seed=tcfg["seed"]), cache, pseudo, box_regression=bounded)
         streams.append(Stream(ConcatWithEpoch([labeled_dataset(), unlabeled]), batch_size=tcfg["batch_size"],
                               seed=tcfg["seed"] + 1, info=info, loader_kw=loader_kw))
     elif mix != "labeled_only":

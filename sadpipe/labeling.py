@@ -222,6 +222,20 @@ def detection_loss(
     }
 
 
+@torch.no_grad()
+def foreground_box_targets(anchors: Tensor, gt_boxes: Tensor, matched: Tensor) -> tuple[Tensor, Tensor]:
+    """The foreground anchors of one image and their encoded GT boxes (the box loss's targets).
+
+    Args: ``anchors`` float [A, 4]; ``gt_boxes`` float [N, 4]; ``matched`` int64 [A] from
+    :func:`match_anchors` (or ``detection_loss``'s ``matched_idxs`` row).
+    Returns: (int64 [F] anchor indices, float32 [F, 4] deltas, BoxCoder weights 1).
+    """
+    foreground = torch.where(matched >= 0)[0]
+    box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    deltas = box_coder.encode_single(gt_boxes.to(anchors)[matched[foreground]], anchors[foreground])
+    return foreground, deltas
+
+
 def decode_boxes(bbox_regression: Tensor, anchors: Tensor) -> Tensor:
     """Decode ``[B, A, 4]`` deltas against ``[A, 4]`` anchors (BoxCoder weights 1) to ``[B, A, 4]`` boxes."""
     if bbox_regression.dim() != 3 or anchors.shape != (bbox_regression.shape[1], 4):

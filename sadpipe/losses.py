@@ -37,7 +37,9 @@ __all__ = [
     "focal_distillation_loss",
     "foreground_normalizer",
     "sigmoid_focal_loss",
+    "teacher_bounded_regression_loss",
     "teacher_entropy",
+    "weighted_soft_cross_entropy",
 ]
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -220,6 +222,57 @@ def binary_kd_loss(
     _check_same_shape(student_logits, teacher_logits)
     z_s, z_t = _as_float(student_logits, teacher_logits)
     loss = _binary_kl_float(z_s / temperature, z_t / temperature) * temperature**2
+    return _reduce(loss, reduction)
+
+
+def weighted_soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, *, background_weight: float = 1.5,
+                                object_weight: float = 1.0, reduction: str = "none") -> Tensor:
+    """Chen et al.'s class-weighted soft cross-entropy, in the sigmoid form of a RetinaNet head.
+
+    Chen et al. (NeurIPS 2017, "Learning efficient object detection models with knowledge
+    distillation") weight the soft cross-entropy of a softmax head per class, with a larger weight
+    ``w_0`` on the background class. A sigmoid head has no background channel: each entry is its
+    own two-way softmax {class c, not class c}, so the weight of "not class c" plays w_0's part::
+
+        L = -(object_weight * q log p + background_weight * (1 - q) log(1 - p))
+
+    With equal weights this is BCE(q, p) = KL(q||p) + T(q): plain KD at temperature 1 plus a term
+    without gradient. ``background_weight > object_weight`` moves the loss's minimum below the
+    teacher, to ``p* = w1 q / (w1 q + w0 (1 - q))``: the student is penalised more for firing
+    where the teacher sees background than for missing where the teacher fires.
+
+    Shapes: any, equal; dtype rules as :func:`binary_kl`. Weights must be >= 0.
+    """
+    if background_weight < 0 or object_weight < 0:
+        raise ValueError(f"weights must be >= 0, got background {background_weight}, object {object_weight}")
+    _check_same_shape(student_logits, teacher_logits)
+    z_s, z_t = _as_float(student_logits, teacher_logits)
+    q = torch.sigmoid(z_t)
+    loss = -(object_weight * q * F.logsigmoid(z_s) + background_weight * (1 - q) * F.logsigmoid(-z_s))
+    return _reduce(loss, reduction)
+
+
+def teacher_bounded_regression_loss(student_deltas: Tensor, teacher_deltas: Tensor, target_deltas: Tensor, *,
+                                    margin: float = 0.0, reduction: str = "none") -> Tensor:
+    """Chen et al.'s teacher-bounded regression loss, one value per box ``[..., 4] -> [...]``.
+
+    The teacher is an upper bound, not a target: with squared L2 errors
+    ``e_s = ||R_s - y||^2`` and ``e_t = ||R_t - y||^2`` over the 4 box deltas::
+
+        L_b = e_s   if e_s + margin > e_t,   else 0
+
+    so the student is pushed toward the ground truth ``y`` only while it is not better than the
+    teacher by at least ``margin``. Chen et al. add it to the usual regression loss with weight
+    ``nu = 0.5``. Inputs are encoded box deltas (torchvision ``BoxCoder``, weights 1) at
+    foreground anchors; the teacher's carry no gradient.
+    """
+    if not (student_deltas.shape == teacher_deltas.shape == target_deltas.shape) or student_deltas.shape[-1:] != (4,):
+        raise ValueError(f"expected three [..., 4] tensors of one shape, got {tuple(student_deltas.shape)}, "
+                         f"{tuple(teacher_deltas.shape)} and {tuple(target_deltas.shape)}")
+    r_s, r_t, y = _as_float(student_deltas, teacher_deltas.detach(), target_deltas)
+    e_s = (r_s - y).pow(2).sum(-1)
+    e_t = (r_t - y).pow(2).sum(-1)
+    loss = torch.where(e_s + margin > e_t, e_s, torch.zeros_like(e_s))
     return _reduce(loss, reduction)
 
 

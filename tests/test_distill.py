@@ -77,6 +77,9 @@ def _adl_by_hand(s: torch.Tensor, t: torch.Tensor, *, method: str, beta: float, 
                  temperature: float) -> torch.Tensor:
     """Per-entry distillation loss in float64 straight from the formulas (docs/method.md, section "Notation")."""
     s, t = s.double(), t.double()
+    if method == "weighted_ce":  # Chen et al.'s soft CE, sigmoid form: w1 = 1 on q, w0 = 1.5 on 1 - q
+        p, q = torch.sigmoid(s), torch.sigmoid(t)
+        return -(q * torch.log(p) + 1.5 * (1 - q) * torch.log(1 - p))
     if method == "kd":
         s, t = s / temperature, t / temperature
     p, q = torch.sigmoid(s), torch.sigmoid(t)
@@ -148,7 +151,7 @@ def _expected_distill(student, batch, dcfg, method):
 
 @pytest.mark.parametrize("method,extra", [
     ("adl", []), ("adl", ['distill.variant="released"', "distill.beta=0.3", "distill.gamma=1.5"]),
-    ("fdl", []), ("kd", ["distill.temperature=2.0"]), ("sad", []),
+    ("fdl", []), ("kd", ["distill.temperature=2.0"]), ("sad", []), ("weighted_ce", ["distill.hard_weight=0.3"]),
 ])
 def test_batch_distillation_term_equals_a_hand_computation(toy_root, method, extra):
     cfg = _cfg(toy_root, "geometry.max_size=256", f'distill.method="{method}"', *extra)
@@ -161,9 +164,15 @@ def test_batch_distillation_term_equals_a_hand_computation(toy_root, method, ext
     assert ignored > 0, "the labeled image should have anchors the matcher ignores"
     assert terms["distill"] == pytest.approx(expected, rel=1e-5)
     assert terms["normalizer"] == pytest.approx(norm, rel=1e-5)
-    # hard loss on the two labeled samples of three (the unlabeled one has no targets), plus weight x distill
-    w = cfg["distill"]["loss_weight"]
-    assert terms["loss"] == pytest.approx((terms["cls"] + terms["box"]) * 2 / 3 + w * expected, rel=1e-5)
+    # hard loss on the two labeled samples of three (the unlabeled one has no targets), plus weight x distill;
+    # weighted_ce: mu x focal + box on those, plus (1 - mu) x soft (Chen et al.'s mix, mu = 0.3)
+    if method == "weighted_ce":
+        mu = 0.3
+        assert terms["loss"] == pytest.approx((mu * terms["cls"] + terms["box"]) * 2 / 3 + (1 - mu) * expected,
+                                              rel=1e-5)
+    else:
+        w = cfg["distill"]["loss_weight"]
+        assert terms["loss"] == pytest.approx((terms["cls"] + terms["box"]) * 2 / 3 + w * expected, rel=1e-5)
     assert float(loss.detach()) == pytest.approx(terms["loss"], rel=1e-6)
 
 
@@ -261,7 +270,7 @@ def test_training_reads_the_cache_and_never_builds_the_teacher(world, tmp_path, 
     assert any(i >= UNLABELED_FIRST_ID for i, _ in seen[8:]) and {v for _, v in seen} == {"orig", "hflip"}
 
 
-@pytest.mark.parametrize("method", ["none", "kd", "fdl", "adl", "sad", "data_distillation"])
+@pytest.mark.parametrize("method", ["none", "kd", "fdl", "adl", "sad", "data_distillation", "weighted_ce"])
 def test_every_method_trains_and_logs_its_terms(world, tmp_path, method):
     cfg = _cfg(world["root"], f'distill.method="{method}"')
     cache = None if method == "none" else world["both"]  # the student alone needs no cache
@@ -274,13 +283,16 @@ def test_every_method_trains_and_logs_its_terms(world, tmp_path, method):
     alternates = method in ("sad", "data_distillation")
     assert [r["stream"] for r in records] == ([0, 1] if alternates else [0, 0])
     for r in records:
-        assert ("distill" in r) == (method in ("kd", "fdl", "adl", "sad")), r
+        assert ("distill" in r) == (method in ("kd", "fdl", "adl", "sad", "weighted_ce")), r
         assert math.isfinite(r["loss"]) and r["cls"] > 0 and r["box"] >= 0
         if "distill" in r:
             assert r["distill"] > 0 and r["normalizer"] >= 1
     first = records[0]  # labeled stream: every sample has GT, so loss = cls + box + weight x distill
-    w = cfg["distill"]["loss_weight"]
-    assert first["loss"] == pytest.approx(first["cls"] + first["box"] + w * first.get("distill", 0.0), rel=1e-5)
+    if method == "weighted_ce":  # mu x cls + box + (1 - mu) x soft, mu = 0.5 by default
+        assert first["loss"] == pytest.approx(0.5 * first["cls"] + first["box"] + 0.5 * first["distill"], rel=1e-5)
+    else:
+        w = cfg["distill"]["loss_weight"]
+        assert first["loss"] == pytest.approx(first["cls"] + first["box"] + w * first.get("distill", 0.0), rel=1e-5)
 
 
 def test_data_distillation_pseudo_labels_are_the_stored_detections_above_the_threshold(world, tmp_path, monkeypatch):

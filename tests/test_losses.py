@@ -218,3 +218,49 @@ def test_sigmoid_focal_stable_at_extremes():
     # Wrong by 1e4 with p_t = 0: alpha_t * 1 * 1e4; first entry y = 0 -> alpha_t = 0.75.
     assert loss[0].item() == pytest.approx(0.75 * 1e4, rel=1e-6)
     assert loss[1].item() == pytest.approx(0.25 * 1e4, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chen et al. 2017 baselines
+
+
+def test_weighted_soft_cross_entropy_by_hand():
+    # z_s = 0 (p = 1/2), z_t = log 3 (q = 3/4), w1 = 1, w0 = 1.5:
+    # L = -(0.75 ln 0.5 + 1.5 * 0.25 ln 0.5) = 1.125 ln 2 = 0.7797905...
+    z_s, z_t = torch.zeros(1), torch.tensor([math.log(3.0)])
+    value = losses.weighted_soft_cross_entropy(z_s, z_t, background_weight=1.5)
+    assert float(value) == pytest.approx(1.125 * math.log(2.0), rel=1e-6)
+    # its minimum over p is p* = w1 q / (w1 q + w0 (1 - q)) = 0.75 / 1.125 = 2/3, i.e. z* = ln 2
+    z_star = torch.tensor([math.log(2.0)], requires_grad=True)
+    losses.weighted_soft_cross_entropy(z_star, z_t, background_weight=1.5).sum().backward()
+    assert abs(float(z_star.grad)) < 1e-6
+
+
+def test_weighted_soft_cross_entropy_with_equal_weights_is_kd_plus_teacher_entropy():
+    g = torch.Generator().manual_seed(0)
+    z_s, z_t = torch.randn(50, 6, generator=g) * 4, torch.randn(50, 6, generator=g) * 4
+    bce = losses.weighted_soft_cross_entropy(z_s, z_t, background_weight=1.0)
+    expected = losses.binary_kd_loss(z_s, z_t) + losses.teacher_entropy(z_t)
+    torch.testing.assert_close(bce, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        losses.weighted_soft_cross_entropy(z_s, z_t, background_weight=-1.0)
+
+
+def test_teacher_bounded_regression_by_hand():
+    y = torch.zeros(3, 4)
+    student = torch.tensor([[1.0, 0, 0, 0], [0.1, 0, 0, 0], [0.1, 0, 0, 0]], requires_grad=True)
+    teacher = torch.tensor([[0.5, 0, 0, 0], [0.5, 0, 0, 0], [0.5, 0, 0, 0]])
+    # e_s = 1, 0.01, 0.01; e_t = 0.25 each.
+    # margin 0:   1 > 0.25 -> 1;   0.01 > 0.25 no -> 0 (twice)
+    value = losses.teacher_bounded_regression_loss(student, teacher, y, margin=0.0)
+    torch.testing.assert_close(value, torch.tensor([1.0, 0.0, 0.0]))
+    # margin 0.3: 0.01 + 0.3 = 0.31 > 0.25 -> the student is still penalised: 0.01
+    value = losses.teacher_bounded_regression_loss(student, teacher, y, margin=0.3)
+    torch.testing.assert_close(value, torch.tensor([1.0, 0.01, 0.01]))
+    # gradient 2 (r_s - y) where the loss is active, none to a teacher that requires grad
+    teacher.requires_grad_(True)
+    losses.teacher_bounded_regression_loss(student, teacher, y, margin=0.0, reduction="sum").backward()
+    torch.testing.assert_close(student.grad, torch.tensor([[2.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    assert teacher.grad is None
+    with pytest.raises(ValueError):
+        losses.teacher_bounded_regression_loss(student, teacher[:2], y)

@@ -334,6 +334,19 @@ class TeacherCache:
             num_classes=self.num_classes, encoding=encoding,
         )
 
+    def get_box_regression(self, image_id, view: str = "orig") -> torch.Tensor:
+        """The teacher's box deltas, float16 [A, 4] in the image's anchor order (stores dumped
+        with ``--with-box-regression``; others raise CacheStoreError saying so)."""
+        i = self._checked(image_id, view)
+        if not self.metadata["with_box_regression"]:
+            raise fmt.CacheStoreError(f"teacher cache {self.path} has no box regression: re-dump with "
+                                      "`sadpipe dump-teacher --with-box-regression`")
+        return self._box_regression(i, view)
+
+    def _box_regression(self, i: int, view: str) -> torch.Tensor:
+        a = int(self._tables["images/num_anchors"][i])
+        return torch.from_numpy(np.ascontiguousarray(self._read(f"views/{view}/box_regression", i)[0, :a]))
+
     def get_codes(self, image_id, view: str = "orig") -> np.ndarray:
         """Codec codes as a dense uint8 [A, K] array (the image's own anchor rows)."""
         c = self.get_compact(image_id, view)
@@ -358,10 +371,9 @@ class TeacherCache:
         detections=False to skip those reads (the fields are then None)."""
         i = self._checked(image_id, view)
         t = self._tables
-        a = int(t["images/num_anchors"][i])
         box = None
         if box_regression and self.metadata["with_box_regression"]:
-            box = torch.from_numpy(self._read(f"views/{view}/box_regression", i)[0, :a].astype(np.float32))
+            box = self._box_regression(i, view).float()
         det_boxes, det_scores, det_labels = self._detections(i, view) if detections else (None, None, None)
         return CacheRecord(
             image_id=int(t["images/image_id"][i]),

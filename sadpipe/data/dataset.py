@@ -24,12 +24,32 @@ class DataConfigError(UserError, ValueError):
 
 
 def labeled_source(cfg: dict, split: str) -> CocoDetectionSource:
-    """split: 'train' or 'val'. Raises DataConfigError naming the missing keys."""
-    images, ann = data_path(cfg, f"{split}_images"), data_path(cfg, f"{split}_annotations")
+    """split: 'train' or 'val'. Raises DataConfigError naming the missing keys.
+
+    With ``data.tune_holdout = f > 0`` both come from the train split: 'val' is the held-out
+    fraction f of its images (:func:`is_held_out`), 'train' the rest."""
+    holdout = float(cfg["data"].get("tune_holdout", 0.0))
+    read_split = "train" if holdout > 0 else split
+    images, ann = data_path(cfg, f"{read_split}_images"), data_path(cfg, f"{read_split}_annotations")
     if images is None or ann is None:
-        raise DataConfigError(f"data.{split}_images and data.{split}_annotations must be set in the config "
-                              f"(or with --set data.{split}_images=DIR --set data.{split}_annotations=FILE)")
-    return CocoDetectionSource(images, ann)
+        raise DataConfigError(f"data.{read_split}_images and data.{read_split}_annotations must be set in the config "
+                              f"(or with --set data.{read_split}_images=DIR --set data.{read_split}_annotations=FILE)")
+    if holdout <= 0:
+        return CocoDetectionSource(images, ann)
+    if holdout >= 1:
+        raise DataConfigError(f"data.tune_holdout must be in [0, 1), got {holdout}")
+    # tuning mode: "val" is a held-out part of the labeled train images, never the real val split
+    train = CocoDetectionSource(images, ann)
+    held = {r.image_id for r in train.images if is_held_out(r.image_id, holdout)}
+    if split == "val":
+        return train.subset(held, f"tuning hold-out ({holdout:g} of the train images)")
+    return train.subset({r.image_id for r in train.images} - held, f"without the tuning hold-out ({holdout:g})")
+
+
+def is_held_out(image_id: int, fraction: float) -> bool:
+    """Whether a labeled train image belongs to the tuning hold-out: decided by its id alone
+    (seeded hash), so the split is the same in every run and process and for any file order."""
+    return random.Random(f"tune-holdout/{int(image_id)}").random() < fraction
 
 
 def unlabeled_source(cfg: dict) -> UnlabeledSource | None:
