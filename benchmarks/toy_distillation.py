@@ -1,99 +1,234 @@
-"""The toy distillation benchmark: teacher vs students trained alone and with each distillation method.
+"""The toy distillation benchmark: every method, several seeds, cached and online teachers.
 
-One command (CPU, roughly 10 minutes per student run on a quiet 2-core machine for the
-self-distillation run, 2-3 minutes for the tiny student):
+Each run is one `sadpipe train-student` process (so every run saves its resolved config, can be
+resumed, and `--jobs 2` trains two students side by side with one torch thread each). A run is
+done when its `eval.json` exists; an interrupted run resumes from its `train_state.pt`; so the
+command can be repeated until everything is done, and `--only` picks methods.
 
-    python benchmarks/toy_distillation.py --workdir runs/toy_bench --seeds 0,1
+    python benchmarks/toy_distillation.py --config toy_paper_regime --data-root data/toy \\
+        --teacher runs/confident_teacher/final.pt --cache runs/paper_regime/cache.zarr \\
+        --workdir runs/paper_regime/bench --seeds 0,1,2 --jobs 2
 
-It reuses the demo's stages 1-3 in the work directory (toy data, teacher, teacher cache; done
-stages are skipped, so pointing --workdir at a finished `sadpipe demo` work directory reuses its
-teacher and cache), then trains, per seed, the student alone, plain KD, ADL on labeled images and SAD, and
-once (seed 0) focal-style distillation, data distillation and self-distillation
-(student architecture = teacher architecture, SAD). It prints a table of mean +- std over seeds
-and writes it to WORKDIR/benchmark.md.
+`--online` adds plain KD, ADL and SAD with the teacher run live every step instead of the cache
+(same seeds: the cache must not change the outcome). `--sweep` trains the sweep grid (SWEEP
+below) with `data.tune_holdout=0.2`: weights and thresholds are chosen on held-out labeled train
+images, never on val. The cache must hold the teacher's box regression for the bounded-regression
+baseline (`sadpipe dump-teacher --with-box-regression`).
+
+Writes WORKDIR/benchmark.md (table: mean +- std over seeds, the paired same-seed difference to the
+student alone, % of the teacher's mAP; the sweep's results), benchmark.json and map_curves.png
+(val mAP over steps per method, mean over seeds; needs `student.train.eval_every_epochs` > 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sadpipe.demo import has_state, prepare_teacher_and_cache, run_stage, toy_config
-from sadpipe.distill import train_student
-
-# name -> (config overrides, seeded?)
-RUNS = {
-    "student alone": (['distill.method="none"'], True),
-    "student + plain KD": (['distill.method="kd"'], True),
-    "student + FDL (beta=0)": (['distill.method="fdl"'], False),
-    "student + ADL (labeled)": (['distill.method="adl"'], True),
-    "student + SAD (labeled + unlabeled)": (['distill.method="sad"'], True),
-    "student + data distillation": (['distill.method="data_distillation"'], False),
-    "self-distillation (teacher arch, SAD)": (['distill.method="sad"', "SELF"], False),
+# name -> overrides. "SELF" is replaced by the teacher's model table (self-distillation).
+METHODS = {
+    "student alone": ['distill.method="none"'],
+    "plain KD": ['distill.method="kd"'],
+    "FDL (beta=0)": ['distill.method="fdl"'],
+    "ADL (labeled)": ['distill.method="adl"'],
+    "SAD (labeled + unlabeled)": ['distill.method="sad"'],
+    "data distillation": ['distill.method="data_distillation"'],
+    "self-distillation (teacher arch, SAD)": ['distill.method="sad"', "SELF"],
+    "Chen: weighted soft CE": ['distill.method="weighted_ce"'],
+    "Chen: bounded regression": ['distill.method="none"', "distill.bounded_regression_weight=0.5"],
+}
+ONLINE = ["plain KD", "ADL (labeled)", "SAD (labeled + unlabeled)"]
+# method -> list of (label, overrides) tried on the tuning hold-out, seed 0
+SWEEP = {
+    "plain KD": [(f"loss_weight={w}", [f"distill.loss_weight={w}"]) for w in (0.5, 1, 2, 4)],
+    "ADL (labeled)": [(f"loss_weight={w}", [f"distill.loss_weight={w}"]) for w in (0.5, 2, 4, 8)],
+    "Chen: weighted soft CE": [(f"hard_weight={m}", [f"distill.hard_weight={m}"]) for m in (0.25, 0.5, 0.75)],
+    "Chen: bounded regression": [(f"margin={m}", [f"distill.bounded_regression_margin={m}"]) for m in (0.0, 0.1)],
+    "data distillation": [(f"pseudo_score_thresh={t}", [f"distill.pseudo_score_thresh={t}"]) for t in (0.4, 0.5, 0.6)],
 }
 
 
-def self_distillation_overrides(cfg: dict) -> list[str]:
-    """The student takes the teacher's model table (same architecture as the teacher)."""
-    m = cfg["teacher"]["model"]
-    return [f'student.model.arch="{m["arch"]}"', f"student.model.fpn_channels={m['fpn_channels']}",
-            f'student.model.head_norm="{m["head_norm"]}"', f'student.model.backbone_norm="{m["backbone_norm"]}"']
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_").replace("__", "_")
+
+
+def teacher_model_overrides(teacher: Path) -> list[str]:
+    """The student takes the teacher's architecture (self-distillation), read from its checkpoint."""
+    import torch
+    spec = torch.load(teacher, map_location="cpu", weights_only=True)["spec"]
+    return [f'student.model.arch="{spec["arch"]}"', f"student.model.fpn_channels={spec['fpn_channels']}",
+            f'student.model.head_norm="{spec["head_norm"]}"', f'student.model.backbone_norm="{spec["backbone_norm"]}"']
+
+
+class Run:
+    def __init__(self, workdir: Path, method: str, seed: int, overrides: list[str], *, group: str = "table",
+                 label: str = ""):
+        self.method, self.seed, self.overrides, self.group, self.label = method, seed, overrides, group, label
+        name = slug(method) + (f"_{slug(label)}" if label else "")
+        self.dir = workdir / group / f"{name}_seed{seed}"
+        self.log = workdir / "logs" / group / f"{name}_seed{seed}.log"
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "eval.json").is_file()
+
+    def result(self) -> dict:
+        evals = []
+        for line in (self.dir / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "eval" in r:
+                evals.append((r["step"], r["eval"]["AP"]))
+        final = json.loads((self.dir / "eval.json").read_text())["metrics"]
+        last_step = max((json.loads(x)["step"] for x in (self.dir / "metrics.jsonl").read_text().splitlines()), default=0)
+        evals.append((last_step, final["AP"]))
+        return {"method": self.method, "label": self.label, "seed": self.seed, "metrics": final, "curve": evals}
+
+
+def train(run: Run, args, base_sets: list[str]) -> None:
+    if run.done:
+        return
+    resume = (run.dir / "train_state.pt").is_file()
+    if run.dir.exists() and not resume:
+        shutil.rmtree(run.dir)  # started but never checkpointed: nothing to keep
+    run.log.parent.mkdir(parents=True, exist_ok=True)
+    sets = [*base_sets, f"student.train.seed={run.seed}", *run.overrides]
+    cmd = [sys.executable, "-m", "sadpipe", "train-student", "--config", args.config, "--out", str(run.dir),
+           "--device", args.device, "--cache", str(args.cache)]
+    for s in sets:
+        cmd += ["--set", s]
+    if resume:
+        cmd.append("--resume")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    t = time.perf_counter()
+    with open(run.log, "a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    status = "done" if code == 0 else f"FAILED (exit {code}, see {run.log})"
+    print(f"[{time.strftime('%H:%M:%S')}] {run.group}/{run.dir.name}: {status} in {time.perf_counter() - t:.0f} s",
+          flush=True)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def table(results: list[dict], teacher_ap: float | None) -> str:
+    by_method: dict[str, dict[int, dict]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], {})[r["seed"]] = r
+    alone = by_method.get("student alone", {})
+    lines = ["| method | seeds | val mAP (%) | AP50 (%) | paired diff. to student alone (mAP) | % of teacher |",
+             "|---|---|---|---|---|---|"]
+    for method, runs in by_method.items():
+        aps = [100 * runs[s]["metrics"]["AP"] for s in sorted(runs)]
+        ap50 = [100 * runs[s]["metrics"]["AP50"] for s in sorted(runs)]
+        diff = [100 * (runs[s]["metrics"]["AP"] - alone[s]["metrics"]["AP"]) for s in sorted(runs) if s in alone]
+        pct = f"{statistics.mean(aps) / teacher_ap:.1f}" if teacher_ap else "-"
+        lines.append(f"| {method} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | "
+                     f"{'-' if method == 'student alone' else mean_std(diff)} | {pct} |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict]) -> str:
+    lines = ["| method | setting | hold-out mAP (%) |", "|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['label']} | {100 * r['metrics']['AP']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by_method: dict[str, list[list]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], []).append(r["curve"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, curves in by_method.items():
+        steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+        means = [statistics.mean(dict(c)[s] * 100 for c in curves) for s in steps]
+        ax.plot(steps, means, marker="o", ms=3, label=f"{method} ({len(curves)} seeds)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val mAP (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("runs/toy_bench"))
-    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds for the seeded runs")
-    ap.add_argument("--only", default="", help="comma-separated run names (substring match) to run")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, repeatable")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--config", default="toy_paper_regime", help="pipeline TOML or shipped pipeline name")
+    ap.add_argument("--data-root", required=True, help="data.root of the toy data (sadpipe make-toy-data)")
+    ap.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (for self-distillation, online runs)")
+    ap.add_argument("--cache", type=Path, required=True, help="the teacher's cache (dump-teacher --with-box-regression)")
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--only", default="", help="comma-separated method names (substring match)")
+    ap.add_argument("--online", action="store_true", help="also train KD / ADL / SAD with the live teacher")
+    ap.add_argument("--sweep", action="store_true", help="also train the sweep grid on the tuning hold-out")
+    ap.add_argument("--report-only", action="store_true", help="write the report from finished runs, train nothing")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained side by side")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    base_sets = [f"data.root={json.dumps(str(Path(args.data_root).resolve()))}", *args.overrides]
 
-    base = toy_config(work, args.overrides)
-    teacher, _, cache = prepare_teacher_and_cache(work, base, args.device)
-    results: dict[str, list[dict]] = {"teacher": [teacher]}
-    for name, (extra, seeded) in RUNS.items():
-        if args.only and not any(o.strip() in name for o in args.only.split(",")):
-            continue
-        if "SELF" in extra:
-            extra = [e for e in extra if e != "SELF"] + self_distillation_overrides(base)
-        for seed in (seeds if seeded else seeds[:1]):
-            cfg = toy_config(work, [*args.overrides, *extra, f"student.train.seed={seed}"])
-            tag = name.split("(")[0].strip().replace(" + ", "_").replace(" ", "_").replace("-", "_")
-            needs_cache = cfg["distill"]["method"] != "none"
-            summary = run_stage(work, f"{tag}_seed{seed}", f"{name}, seed {seed}",
-                                lambda d, cfg=cfg, nc=needs_cache: train_student(
-                                    cfg, cache if nc else None, d, device=args.device, resume=has_state(d)))
-            results.setdefault(name, []).append(summary)
+    def picked(method: str) -> bool:
+        return not args.only or any(o.strip() and o.strip() in method for o in args.only.split(","))
 
-    table = format_table(results)
-    print(table)
-    (work / "benchmark.md").write_text(
-        "# Toy distillation benchmark\n\n"
-        f"Command: `python benchmarks/toy_distillation.py --workdir {work} --seeds {args.seeds}"
-        + "".join(f" --set {o}" for o in args.overrides) + "`\n\n" + table + "\n")
-    (work / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
+    def expand(sets: list[str]) -> list[str]:
+        return [x for s in sets for x in (teacher_model_overrides(args.teacher) if s == "SELF" else [s])]
+
+    table_runs = [Run(work, m, seed, expand(sets)) for seed in seeds for m, sets in METHODS.items() if picked(m)]
+    online_runs = [Run(work, f"{m}, online teacher", seed,
+                       expand(METHODS[m]) + [f"distill.online_teacher={json.dumps(str(args.teacher.resolve()))}"],
+                       group="online")
+                   for seed in seeds for m in ONLINE if args.online and picked(m)]
+    sweep_runs = [Run(work, m, 0, expand(METHODS[m]) + sets + ["data.tune_holdout=0.2"], group="sweep", label=label)
+                  for m, grid in SWEEP.items() if args.sweep and picked(m) for label, sets in grid]
+    todo = [r for r in sweep_runs + table_runs + online_runs if not r.done]
+    if not args.report_only and todo:
+        print(f"{len(todo)} runs to train ({args.jobs} at a time)", flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda r: train(r, args, base_sets), todo))
+
+    results = [r.result() for r in table_runs + online_runs if r.done]
+    sweep = [r.result() for r in sweep_runs if r.done]
+    teacher_eval = args.teacher.parent / "eval.json"
+    teacher_ap = 100 * json.loads(teacher_eval.read_text())["metrics"]["AP"] if teacher_eval.is_file() else None
+    text = (f"# Toy distillation benchmark\n\nCommand: `python benchmarks/{Path(__file__).name} "
+            + " ".join(sys.argv[1:] if argv is None else argv) + "`\n\n"
+            + (f"Teacher val mAP: {teacher_ap:.2f}\n\n" if teacher_ap else "")
+            + table(results, teacher_ap) + "\n")
+    if sweep:
+        text += "\n## Sweep on the tuning hold-out (20 % of the labeled train images, seed 0)\n\n" + sweep_table(sweep) + "\n"
+    if results:
+        plot_curves(results, work / "map_curves.png")
+        text += "\n![val mAP over steps](map_curves.png)\n"
+    (work / "benchmark.md").write_text(text)
+    (work / "benchmark.json").write_text(json.dumps({"table": results, "sweep": sweep}, indent=2))
+    print(text)
+    missing = [r for r in table_runs + online_runs + sweep_runs if not r.done]
+    if missing:
+        print(f"{len(missing)} runs not finished: rerun the same command to continue")
     return 0
-
-
-def format_table(results: dict[str, list[dict]]) -> str:
-    lines = ["| run | seeds | mAP (%) | AP50 (%) | params (M) | train s | train img/s |", "|---|---|---|---|---|---|---|"]
-    for name, runs in results.items():
-        aps = [r["metrics"]["AP"] * 100 for r in runs]
-        ap50 = [r["metrics"]["AP50"] * 100 for r in runs]
-
-        def ms(v):
-            return f"{statistics.mean(v):.2f} +- {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
-        lines.append(f"| {name} | {len(runs)} | {ms(aps)} | {ms(ap50)} | {runs[0]['params'] / 1e6:.2f} | "
-                     f"{statistics.mean(r['train_seconds'] for r in runs):.0f} | "
-                     f"{statistics.mean(r['images_per_s'] for r in runs):.1f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
