@@ -5,7 +5,7 @@
 
 For one batch of labeled images with their cached teacher logits, prints the normalised loss
 (sum / max(1, sum q^1.8)) and the L2 norm of its gradient for plain KD, ADL (paper and released
-variants) and FDL (beta = 0), for a freshly initialised student and for ``--student`` if given.
+variants), FDL (beta = 0) and Chen et al.'s weighted soft cross-entropy, for a freshly initialised student and for ``--student`` if given.
 The ratio KD/ADL explains how much weight ADL needs to pull as hard as KD (docs/results.md).
 """
 
@@ -30,6 +30,7 @@ LOSSES = {
     "adl_released": lambda s, t, d: losses.adaptive_distillation_loss(s, t, beta=d["beta"], gamma=d["gamma"],
                                                                       variant="released"),
     "fdl": lambda s, t, d: losses.focal_distillation_loss(s, t, gamma=d["gamma"]),
+    "weighted_ce": lambda s, t, d: losses.weighted_soft_cross_entropy(s, t, background_weight=d["background_weight"]),
 }
 
 
