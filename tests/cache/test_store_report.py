@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from sadpipe.cache import format as fmt
-from sadpipe.cache.inspect import format_store_info, store_info, verify_store
+from sadpipe.cache.store_report import format_store_info, store_info, verify_store
 from sadpipe.cache.writer import StoreWriter
 
 from . import NUM_CLASSES, make_result, make_spec, shard_results, write_all
