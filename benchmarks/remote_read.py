@@ -145,7 +145,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         write_store(loc, spec, args.entries)
         print(f"wrote {where} store {loc}: {args.images} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    from sadpipe.cache.inspect import store_info
+    from sadpipe.cache.store_report import store_info
     info = store_info(places["local"])
     print(f"store: {args.images} images, {args.images_per_shard} per shard, targets "
           f"{info['views']['orig']['targets_bytes'] / args.images / 1024:.1f} KB/image, detections "

@@ -239,7 +239,7 @@ def cache_info_cmd(store, as_json):
     Example:
       sadpipe cache info runs/demo/cache.zarr
     """
-    from .cache.inspect import format_store_info, store_info
+    from .cache.store_report import format_store_info, store_info
     info = store_info(store)
     click.echo(json.dumps(info, indent=2, default=str) if as_json else format_store_info(info))
 
@@ -254,7 +254,7 @@ def cache_verify_cmd(store):
     Example:
       sadpipe cache verify runs/demo/cache.zarr
     """
-    from .cache.inspect import verify_store
+    from .cache.store_report import verify_store
     report = verify_store(store)
     click.echo(str(report))
     sys.exit(0 if report.ok else 1)

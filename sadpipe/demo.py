@@ -71,7 +71,7 @@ def toy_config(workdir: Path, overrides=(), pipeline: Path | None = None) -> dic
 
 def prepare_teacher_and_cache(workdir: Path, cfg: dict, device: str) -> tuple[dict, Path, Path]:
     """Stages 1-3: toy data, teacher, teacher cache. Returns (teacher summary, checkpoint, store)."""
-    from .cache.inspect import store_info
+    from .cache.store_report import store_info
     from .data.toy import make_toy_dataset
     from .dump import dump_teacher
     from .train import train_detector

@@ -24,7 +24,7 @@ from conftest import REPO, make_spread_teacher
 
 from sadpipe.cache.codec import codec_from_dict
 from sadpipe.cache.format import StoreMismatchError
-from sadpipe.cache.inspect import store_info, verify_store
+from sadpipe.cache.store_report import store_info, verify_store
 from sadpipe.cache.reader import FailedImageError, TeacherCache
 from sadpipe.cache.writer import StoreWriter
 from sadpipe.config import load_config

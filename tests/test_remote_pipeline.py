@@ -17,7 +17,7 @@ from conftest import REPO, make_spread_teacher, tiny_overrides
 from s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures)
 
 from sadpipe.cache.format import IncompleteStoreError
-from sadpipe.cache.inspect import verify_store
+from sadpipe.cache.store_report import verify_store
 from sadpipe.cache.reader import TeacherCache
 from sadpipe.config import load_config
 from sadpipe.dump import dump_teacher

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,25 @@ class CacheMismatchError(CacheStoreError):
 
 class FailedImageError(CacheStoreError):
     """The teacher dump failed for this image; the reason is in the message."""
+
+
+def _metadata_entry(key: str, doc: str, convert: Callable[[Any], Any] = lambda v: v) -> property:
+    """A read-only property: ``convert(self.metadata[key])``."""
+    return property(lambda self: convert(self.metadata[key]), doc=doc)
+
+
+class StoreMetadata:
+    """Named read access to ``self.metadata``, a store's root metadata (fixed at creation), for the
+    classes that hold one: the reader (TeacherCache) and the writer (StoreWriter)."""
+
+    metadata: dict
+    num_images = _metadata_entry("num_images", "N, the images of the plan (int)")
+    images_per_shard = _metadata_entry("images_per_shard", "S, the images of one store shard (int)")
+    num_shards = _metadata_entry("num_shards", "ceil(N / S) (int)")
+    views = _metadata_entry("views", "the view names, e.g. ('orig', 'hflip') (tuple of str)", tuple)
+    num_classes = _metadata_entry("num_classes", "K, the class channels of the teacher (int)")
+    anchor_layout = _metadata_entry("anchor_layout", "the teacher's AnchorLayout.to_dict() (dict)")
+    preprocessing = _metadata_entry("preprocessing", "the teacher's preprocessing (dict)")
 
 
 @dataclass
@@ -282,6 +302,17 @@ def split_codes(splits) -> np.ndarray:
             out[i] = int(s)
         else:
             raise ValueError(f"unknown split code {s!r} for plan position {i}; expected 0 (labeled) or 1 (unlabeled)")
+    return out
+
+
+def counts_by_split(split: np.ndarray, status: np.ndarray, statuses: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Split name -> ``{"images": n, <status>: n for each status named in statuses}`` (names of
+    STATUS_NAMES, in that order) from the uint8 [N] ``images/split`` and ``images/status`` arrays."""
+    codes = {name: code for code, name in STATUS_NAMES.items()}
+    out = {}
+    for code, name in SPLIT_NAMES.items():
+        sel = split == code
+        out[name] = {"images": int(sel.sum()), **{s: int((sel & (status == codes[s])).sum()) for s in statuses}}
     return out
 
 

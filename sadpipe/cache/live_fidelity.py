@@ -23,7 +23,7 @@ import torch
 
 from sadpipe.cache.fidelity import adl_fidelity
 from sadpipe.cache.format import StoreMismatchError
-from sadpipe.cache.inspect import store_info
+from sadpipe.cache.store_report import store_info
 from sadpipe.cache.reader import TeacherCache
 
 FRESH_STUDENT = "fresh student"

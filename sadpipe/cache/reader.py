@@ -111,7 +111,7 @@ def read_store_metadata(path) -> tuple[dict, dict | None]:
     return meta, attrs.get(COMPLETION_ATTR)
 
 
-class TeacherCache:
+class TeacherCache(fmt.StoreMetadata):
     """Read-only teacher cache. ``cache[image_id]`` is ``cache.get(image_id, view="orig")``.
 
     A failed image (teacher could not read it) raises FailedImageError from ``get``; filter
@@ -209,7 +209,7 @@ class TeacherCache:
     # ---- plan and per-image facts ---------------------------------------------------
 
     def __len__(self) -> int:
-        return self.metadata["num_images"]
+        return self.num_images
 
     def __contains__(self, image_id) -> bool:
         self._load_tables()
@@ -219,14 +219,6 @@ class TeacherCache:
     def image_ids(self) -> list[int]:
         """All image ids in plan order (ok and failed)."""
         return self._load_tables()["images/image_id"].tolist()
-
-    @property
-    def views(self) -> tuple[str, ...]:
-        return tuple(self.metadata["views"])
-
-    @property
-    def num_classes(self) -> int:
-        return self.metadata["num_classes"]
 
     @property
     def splits(self) -> dict[str, list[int]]:
@@ -396,14 +388,6 @@ class TeacherCache:
         return self.get(image_id, view="orig")
 
     # ---- compatibility --------------------------------------------------------------
-
-    @property
-    def anchor_layout(self) -> dict:
-        return self.metadata["anchor_layout"]
-
-    @property
-    def preprocessing(self) -> dict:
-        return self.metadata["preprocessing"]
 
     def check_compatible(self, *, layout: dict, category_ids, class_names=None, preprocessing: dict) -> None:
         """Raise CacheMismatchError naming every difference between this cache and the

@@ -215,9 +215,8 @@ class StoreLocation:
             store = LocalStore(self.url, read_only=read_only)
         else:
             from zarr.storage import FsspecStore
-            opts = {**default_storage_options(self.url), **env_storage_options(), **self.storage_options}
             try:
-                store = FsspecStore.from_url(self.url, storage_options=opts, read_only=read_only)
+                store = FsspecStore.from_url(self.url, storage_options=self.fsspec_options(), read_only=read_only)
             except (ImportError, ValueError) as e:
                 scheme = self.url.split("://", 1)[0]
                 hint = " (pip install 'sadpipe[remote]' for s3://)" if scheme in ("s3", "s3a") else ""
@@ -225,6 +224,11 @@ class StoreLocation:
         if self.stats_name or self.latency_s:
             store = InstrumentedStore(store, request_stats(self.stats_name or "default"), self.latency_s)
         return store
+
+    def fsspec_options(self) -> dict:
+        """The fsspec options of a URL location: sadpipe's defaults, then SADPIPE_STORAGE_OPTIONS, then
+        the location's own."""
+        return {**default_storage_options(self.url), **env_storage_options(), **self.storage_options}
 
     def open_group(self, mode: str) -> zarr.Group:
         # zarr_format=3: no requests probing for zarr v2 keys (.zgroup, .zattrs) of every node
@@ -282,10 +286,13 @@ class StoreLocation:
                     full = os.path.join(dirpath, f)
                     out[Path(full).relative_to(self.path).as_posix()] = os.path.getsize(full)
             return out
-        store = self.open_store(read_only=True)
-        inner = store._store if isinstance(store, InstrumentedStore) else store
-        root = inner.path.rstrip("/")
-        found = sync(inner.fs._find(root, detail=True))  # one listing call per 1000 keys
+        import fsspec  # installed with any filesystem package a URL store needs
+
+        # zarr's store API has no sizes (one HEAD per key); fsspec's find lists the prefix with them,
+        # one listing call per 1000 keys (a synchronous filesystem of its own, not the store's async one)
+        fs, root = fsspec.url_to_fs(self.url, **self.fsspec_options())
+        root = root.rstrip("/")
+        found = fs.find(root, withdirs=False, detail=True)
         return {name[len(root) + 1:]: int(info.get("size") or 0) for name, info in found.items()
                 if info.get("type", "file") != "directory"}
 

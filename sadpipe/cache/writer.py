@@ -102,7 +102,7 @@ def build_metadata(spec: StoreSpec) -> dict:
     return meta
 
 
-class StoreWriter:
+class StoreWriter(fmt.StoreMetadata):
     """Writes one teacher-cache store. Get one with :meth:`create_or_resume` (rank 0) or
     :meth:`open` (other ranks, after rank 0 created the store and a barrier)."""
 
@@ -218,22 +218,6 @@ class StoreWriter:
         return cls(loc, root, meta, f"opened teacher cache {path}")
 
     # ---- shards -------------------------------------------------------------------------
-
-    @property
-    def num_images(self) -> int:
-        return self.metadata["num_images"]
-
-    @property
-    def images_per_shard(self) -> int:
-        return self.metadata["images_per_shard"]
-
-    @property
-    def num_shards(self) -> int:
-        return self.metadata["num_shards"]
-
-    @property
-    def views(self) -> tuple[str, ...]:
-        return tuple(self.metadata["views"])
 
     @property
     def is_complete(self) -> bool:
@@ -442,14 +426,6 @@ def completion_index(meta: dict, split: np.ndarray, tables: dict[str, np.ndarray
     """The completion mark: counts per status, split and view (JSON dict)."""
     status = tables["images/status"]
     ok = status == fmt.STATUS_OK
-    by_split = {}
-    for code, name in fmt.SPLIT_NAMES.items():
-        sel = split == code
-        by_split[name] = {
-            "images": int(sel.sum()),
-            "ok": int((sel & ok).sum()),
-            "failed": int((sel & (status == fmt.STATUS_FAILED)).sum()),
-        }
     by_view = {
         v: {"ok": int(ok.sum()), "detections": int(tables[f"views/{v}/det_count"].astype(np.int64).sum())}
         for v in meta["views"]
@@ -460,6 +436,6 @@ def completion_index(meta: dict, split: np.ndarray, tables: dict[str, np.ndarray
         "completed_at": _now(),
         "num_images": int(status.size),
         "by_status": {"ok": int(ok.sum()), "failed": int((status == fmt.STATUS_FAILED).sum())},
-        "by_split": by_split,
+        "by_split": fmt.counts_by_split(split, status, ("ok", "failed")),
         "by_view": by_view,
     }

@@ -41,6 +41,7 @@ from ..geometry import AnchorLayout
 from ..models import CheckpointError, Detector
 from ..transforms import Preprocess
 from .files import as_tensor_state, read_checkpoint_file
+from .names import Field, NameMap
 from .retinanet import build_converted, categories_for_names, head_shape, permute_head_outputs, resnet_arch
 
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
@@ -51,33 +52,33 @@ ASPECT_RATIOS = (0.5, 1.0, 2.0)
 STRIDES = (8, 16, 32, 64, 128)
 
 
-def _stage(m: re.Match, rest: str) -> str:
-    return f"backbone.body.layer{int(m.group(1)) - 1}.{m.group(2)}.{rest}"
-
-
-_RULES = [
-    (re.compile(r"^backbone\.bottom_up\.stem\.conv1\.weight$"), lambda m: "backbone.body.conv1.weight"),
-    (re.compile(r"^backbone\.bottom_up\.stem\.conv1\.norm\.(\w+)$"), lambda m: f"backbone.body.bn1.{m.group(1)}"),
-    (re.compile(r"^backbone\.bottom_up\.res([2-5])\.(\d+)\.conv([1-3])\.weight$"),
-     lambda m: _stage(m, f"conv{m.group(3)}.weight")),
-    (re.compile(r"^backbone\.bottom_up\.res([2-5])\.(\d+)\.conv([1-3])\.norm\.(\w+)$"),
-     lambda m: _stage(m, f"bn{m.group(3)}.{m.group(4)}")),
-    (re.compile(r"^backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.weight$"), lambda m: _stage(m, "downsample.0.weight")),
-    (re.compile(r"^backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.norm\.(\w+)$"),
-     lambda m: _stage(m, f"downsample.1.{m.group(3)}")),
-    (re.compile(r"^backbone\.fpn_lateral([3-5])\.(weight|bias)$"),
-     lambda m: f"backbone.fpn.inner_blocks.{int(m.group(1)) - 3}.0.{m.group(2)}"),
-    (re.compile(r"^backbone\.fpn_output([3-5])\.(weight|bias)$"),
-     lambda m: f"backbone.fpn.layer_blocks.{int(m.group(1)) - 3}.0.{m.group(2)}"),
-    (re.compile(r"^backbone\.top_block\.p([67])\.(weight|bias)$"),
-     lambda m: f"backbone.fpn.extra_blocks.p{m.group(1)}.{m.group(2)}"),
-    (re.compile(r"^head\.cls_subnet\.(\d*[02468])\.(weight|bias)$"),
-     lambda m: f"head.classification_head.conv.{int(m.group(1)) // 2}.0.{m.group(2)}"),
-    (re.compile(r"^head\.bbox_subnet\.(\d*[02468])\.(weight|bias)$"),
-     lambda m: f"head.regression_head.conv.{int(m.group(1)) // 2}.0.{m.group(2)}"),
-    (re.compile(r"^head\.cls_score\.(weight|bias)$"), lambda m: f"head.classification_head.cls_logits.{m.group(1)}"),
-    (re.compile(r"^head\.bbox_pred\.(weight|bias)$"), lambda m: f"head.regression_head.bbox_reg.{m.group(1)}"),
-]
+# (detectron2 name, torchvision name); a ResNet block of stage resN is torchvision's layer(N-1)
+_NAMES = NameMap([
+    ("backbone.bottom_up.stem.conv1.weight", "backbone.body.conv1.weight"),
+    ("backbone.bottom_up.stem.conv1.norm.{norm}", "backbone.body.bn1.{norm}"),
+    ("backbone.bottom_up.res{stage}.{block}.conv{k}.weight", "backbone.body.layer{stage}.{block}.conv{k}.weight"),
+    ("backbone.bottom_up.res{stage}.{block}.conv{k}.norm.{norm}", "backbone.body.layer{stage}.{block}.bn{k}.{norm}"),
+    ("backbone.bottom_up.res{stage}.{block}.shortcut.weight", "backbone.body.layer{stage}.{block}.downsample.0.weight"),
+    ("backbone.bottom_up.res{stage}.{block}.shortcut.norm.{norm}",
+     "backbone.body.layer{stage}.{block}.downsample.1.{norm}"),
+    ("backbone.fpn_lateral{level}.{param}", "backbone.fpn.inner_blocks.{level}.0.{param}"),
+    ("backbone.fpn_output{level}.{param}", "backbone.fpn.layer_blocks.{level}.0.{param}"),
+    ("backbone.top_block.p{extra}.{param}", "backbone.fpn.extra_blocks.p{extra}.{param}"),
+    ("head.cls_subnet.{conv}.{param}", "head.classification_head.conv.{conv}.0.{param}"),
+    ("head.bbox_subnet.{conv}.{param}", "head.regression_head.conv.{conv}.0.{param}"),
+    ("head.cls_score.{param}", "head.classification_head.cls_logits.{param}"),
+    ("head.bbox_pred.{param}", "head.regression_head.bbox_reg.{param}"),
+], {
+    "stage": Field.shifted("[2-5]", "[1-4]", by=-1),
+    "block": Field(r"\d+"),
+    "k": Field("[1-3]"),
+    "norm": Field(r"\w+"),  # FrozenBN: weight, bias, running_mean, running_var
+    "level": Field.shifted("[3-5]", "[0-2]", by=-3),  # fpn_lateral3 is P3's, torchvision's inner_blocks.0
+    "extra": Field("[67]"),
+    # Sequential(conv, ReLU, conv, ...): the convs sit at even positions, torchvision's at 0, 1, 2, ...
+    "conv": Field(r"\d*[02468]", r"\d+", lambda v: str(int(v) // 2), lambda v: str(2 * int(v))),
+    "param": Field("weight|bias"),
+})
 _NON_WEIGHTS = re.compile(r"^(pixel_mean|pixel_std|anchor_generator\.cell_anchors\.\d+)$")
 
 
@@ -89,39 +90,9 @@ def _what_it_is(keys: list[str]) -> str:
     return f"parts {sorted({'.'.join(k.split('.')[:2]) for k in keys})[:8]}"
 
 
-def _inverse_stage(m: re.Match) -> str:
-    rest = m.group(3)
-    rest = re.sub(r"^bn([1-3])\.", r"conv\1.norm.", rest)
-    rest = re.sub(r"^downsample\.0\.", "shortcut.", rest)
-    rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
-    return f"backbone.bottom_up.res{int(m.group(1)) + 1}.{m.group(2)}.{rest}"
-
-
-_INVERSE = [
-    (re.compile(r"^backbone\.body\.conv1\.weight$"), lambda m: "backbone.bottom_up.stem.conv1.weight"),
-    (re.compile(r"^backbone\.body\.bn1\.(\w+)$"), lambda m: f"backbone.bottom_up.stem.conv1.norm.{m.group(1)}"),
-    (re.compile(r"^backbone\.body\.layer([1-4])\.(\d+)\.(.+)$"), _inverse_stage),
-    (re.compile(r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.(\w+)$"),
-     lambda m: f"backbone.fpn_lateral{int(m.group(1)) + 3}.{m.group(2)}"),
-    (re.compile(r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.(\w+)$"),
-     lambda m: f"backbone.fpn_output{int(m.group(1)) + 3}.{m.group(2)}"),
-    (re.compile(r"^backbone\.fpn\.extra_blocks\.(p[67])\.(\w+)$"), lambda m: f"backbone.top_block.{m.group(1)}.{m.group(2)}"),
-    (re.compile(r"^head\.classification_head\.conv\.(\d+)\.0\.(\w+)$"),
-     lambda m: f"head.cls_subnet.{2 * int(m.group(1))}.{m.group(2)}"),
-    (re.compile(r"^head\.regression_head\.conv\.(\d+)\.0\.(\w+)$"),
-     lambda m: f"head.bbox_subnet.{2 * int(m.group(1))}.{m.group(2)}"),
-    (re.compile(r"^head\.classification_head\.cls_logits\.(\w+)$"), lambda m: f"head.cls_score.{m.group(1)}"),
-    (re.compile(r"^head\.regression_head\.bbox_reg\.(\w+)$"), lambda m: f"head.bbox_pred.{m.group(1)}"),
-]
-
-
 def file_name(key: str) -> str:
     """detectron2's name of a torchvision-named parameter (for messages)."""
-    for pattern, target in _INVERSE:
-        m = pattern.match(key)
-        if m:
-            return target(m)
-    return key
+    return _NAMES.to_file(key)
 
 
 def rename_state(state: dict, path: Path) -> tuple[dict, dict]:
@@ -130,22 +101,10 @@ def rename_state(state: dict, path: Path) -> tuple[dict, dict]:
     if "head.cls_score.weight" not in state or "head.bbox_pred.weight" not in state:
         raise CheckpointError(f"{path}: not a detectron2 RetinaNet (no head.cls_score / head.bbox_pred): it has "
                               f"{_what_it_is(keys)}")
-    out, buffers, unknown = {}, {}, []
-    for key, value in state.items():
-        if _NON_WEIGHTS.match(key):
-            buffers[key] = value
-            continue
-        for pattern, target in _RULES:
-            m = pattern.match(key)
-            if m:
-                out[target(m)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"{path}: parameters sadpipe's RetinaNet has no place for: {unknown[:5]} "
-                              "(a head with normalisation layers, deformable convs or another backbone?)")
-    return out, buffers
+    buffers = {k: v for k, v in state.items() if _NON_WEIGHTS.match(k)}
+    weights = {k: v for k, v in state.items() if k not in buffers}
+    return _NAMES.rename(weights, path, suspects="a head with normalisation layers, deformable convs or another "
+                         "backbone"), buffers
 
 
 def detectron2_cell_anchors(level: int) -> torch.Tensor:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import ast
 import math
-import re
 from pathlib import Path
 
 from ..geometry import AnchorLayout
 from ..models import CheckpointError, Detector
 from ..transforms import Preprocess
 from .files import as_tensor_state, read_checkpoint_file
+from .names import Field, NameMap
 from .retinanet import build_converted, categories_for_names, head_shape, permute_head_outputs, resnet_arch
 
 # the zoo's RetinaNet (configs/_base_/models/retinanet_r50_fpn.py), used when the file has no config
@@ -150,17 +150,23 @@ def _preprocess(norm: dict, sizes: dict) -> Preprocess:
 
 # ---------------------------------------------------------------------------- parameter names
 
-_RULES = [
-    (re.compile(r"^backbone\.((?:conv1|bn1|layer[1-4])\..+)$"), r"backbone.body.\1"),
-    (re.compile(r"^neck\.lateral_convs\.([0-2])\.conv\.(weight|bias)$"), r"backbone.fpn.inner_blocks.\1.0.\2"),
-    (re.compile(r"^neck\.fpn_convs\.([0-2])\.conv\.(weight|bias)$"), r"backbone.fpn.layer_blocks.\1.0.\2"),
-    (re.compile(r"^neck\.fpn_convs\.3\.conv\.(weight|bias)$"), r"backbone.fpn.extra_blocks.p6.\1"),
-    (re.compile(r"^neck\.fpn_convs\.4\.conv\.(weight|bias)$"), r"backbone.fpn.extra_blocks.p7.\1"),
-    (re.compile(r"^bbox_head\.cls_convs\.(\d+)\.conv\.(weight|bias)$"), r"head.classification_head.conv.\1.0.\2"),
-    (re.compile(r"^bbox_head\.reg_convs\.(\d+)\.conv\.(weight|bias)$"), r"head.regression_head.conv.\1.0.\2"),
-    (re.compile(r"^bbox_head\.retina_cls\.(weight|bias)$"), r"head.classification_head.cls_logits.\1"),
-    (re.compile(r"^bbox_head\.retina_reg\.(weight|bias)$"), r"head.regression_head.bbox_reg.\1"),
-]
+# (MMDetection name, torchvision name); ResNet parameters keep their names below backbone.body
+_NAMES = NameMap([
+    ("backbone.{resnet}", "backbone.body.{resnet}"),
+    ("neck.lateral_convs.{level}.conv.{param}", "backbone.fpn.inner_blocks.{level}.0.{param}"),
+    ("neck.fpn_convs.{level}.conv.{param}", "backbone.fpn.layer_blocks.{level}.0.{param}"),
+    ("neck.fpn_convs.3.conv.{param}", "backbone.fpn.extra_blocks.p6.{param}"),
+    ("neck.fpn_convs.4.conv.{param}", "backbone.fpn.extra_blocks.p7.{param}"),
+    ("bbox_head.cls_convs.{conv}.conv.{param}", "head.classification_head.conv.{conv}.0.{param}"),
+    ("bbox_head.reg_convs.{conv}.conv.{param}", "head.regression_head.conv.{conv}.0.{param}"),
+    ("bbox_head.retina_cls.{param}", "head.classification_head.cls_logits.{param}"),
+    ("bbox_head.retina_reg.{param}", "head.regression_head.bbox_reg.{param}"),
+], {
+    "resnet": Field(r"(?:conv1|bn1|layer[1-4])\..+"),
+    "level": Field("[0-2]"),  # the FPN levels fed by ResNet stages (P3..P5)
+    "conv": Field(r"\d+"),
+    "param": Field("weight|bias"),
+})
 
 # top-level parts and head parameters that tell what another kind of detector is
 _OTHER_KINDS = [("roi_head.", "a two-stage detector (Faster/Mask R-CNN: rpn_head + roi_head)"),
@@ -180,25 +186,9 @@ def _what_it_is(keys: list[str]) -> str:
     return f"parts {parts[:8]}"
 
 
-_INVERSE = [
-    (re.compile(r"^backbone\.body\.(.+)$"), r"backbone.\1"),
-    (re.compile(r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.(\w+)$"), r"neck.lateral_convs.\1.conv.\2"),
-    (re.compile(r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.(\w+)$"), r"neck.fpn_convs.\1.conv.\2"),
-    (re.compile(r"^backbone\.fpn\.extra_blocks\.p6\.(\w+)$"), r"neck.fpn_convs.3.conv.\1"),
-    (re.compile(r"^backbone\.fpn\.extra_blocks\.p7\.(\w+)$"), r"neck.fpn_convs.4.conv.\1"),
-    (re.compile(r"^head\.classification_head\.conv\.(\d+)\.0\.(\w+)$"), r"bbox_head.cls_convs.\1.conv.\2"),
-    (re.compile(r"^head\.regression_head\.conv\.(\d+)\.0\.(\w+)$"), r"bbox_head.reg_convs.\1.conv.\2"),
-    (re.compile(r"^head\.classification_head\.cls_logits\.(\w+)$"), r"bbox_head.retina_cls.\1"),
-    (re.compile(r"^head\.regression_head\.bbox_reg\.(\w+)$"), r"bbox_head.retina_reg.\1"),
-]
-
-
 def file_name(key: str) -> str:
     """MMDetection's name of a torchvision-named parameter (for messages)."""
-    for pattern, target in _INVERSE:
-        if pattern.match(key):
-            return pattern.sub(target, key)
-    return key
+    return _NAMES.to_file(key)
 
 
 def rename_state(state: dict, path: Path) -> dict:
@@ -207,20 +197,8 @@ def rename_state(state: dict, path: Path) -> dict:
     if "bbox_head.retina_cls.weight" not in state or "bbox_head.retina_reg.weight" not in state:
         raise CheckpointError(f"{path}: not a RetinaNet (no bbox_head.retina_cls / retina_reg): it has "
                               f"{_what_it_is(keys)}")
-    out, unknown = {}, []
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        for pattern, target in _RULES:
-            if pattern.match(key):
-                out[pattern.sub(target, key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"{path}: parameters sadpipe's RetinaNet has no place for: {unknown[:5]} "
-                              "(a head with normalisation layers, deformable convs or another neck?)")
-    return out
+    weights = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # BatchNorm step counts
+    return _NAMES.rename(weights, path, suspects="a head with normalisation layers, deformable convs or another neck")
 
 
 # ---------------------------------------------------------------------------- the conversion

@@ -25,7 +25,8 @@ from ..errors import MissingInputError, UserError
 
 __all__ = [
     "CocoFormatError", "ImageRecord", "CategoryMap", "torchvision_coco91_to_80_channels", "COCO80_CATEGORY_IDS",
-    "CocoDetectionSource", "UnlabeledSource", "check_disjoint_ids", "stable_image_id", "IMAGE_EXTENSIONS",
+    "ImageSource", "CocoDetectionSource", "UnlabeledSource", "check_disjoint_ids", "stable_image_id",
+    "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -209,9 +210,38 @@ def _finite_bbox(path: Path, entry: dict, where: str) -> tuple[float, float, flo
     return float(bbox[0]), float(bbox[1]), float(bbox[2]), float(bbox[3])
 
 
-# ---------------------------------------------------------------------------- labeled source
+# ---------------------------------------------------------------------------- sources
 
-class CocoDetectionSource:
+class ImageSource:
+    """Images listed by one file or folder, looked up by image id.
+
+    ``images``: :class:`ImageRecord` list sorted by image id; ``origin``: where they were listed
+    (for messages, e.g. ``annotations 'instances_val2017.json'``).
+    """
+
+    def __init__(self, images: list[ImageRecord], origin: str):
+        self.images = images
+        self.origin = origin
+        self._by_id = {r.image_id: r for r in images}
+
+    def _repr_details(self) -> list[str]:
+        """What a subclass adds to the repr between the image count and the origin."""
+        return []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join([f'{len(self)} images', *self._repr_details(), self.origin])})"
+
+    def get(self, image_id: int) -> ImageRecord:
+        try:
+            return self._by_id[int(image_id)]
+        except KeyError:
+            raise KeyError(f"image id {image_id} is not in {self.origin}") from None
+
+
+class CocoDetectionSource(ImageSource):
     """A COCO instances file plus its images folder.
 
     ``images``: :class:`ImageRecord` list sorted by image id; ``categories``: :class:`CategoryMap`;
@@ -222,15 +252,13 @@ class CocoDetectionSource:
     def __init__(self, images_dir: str | os.PathLike, annotations_json: str | os.PathLike):
         self.images_dir = Path(images_dir)
         self.annotations_path = Path(annotations_json)
-        self.origin = f"annotations {str(self.annotations_path)!r}"
         path = self.annotations_path
         data = _load_json(path)
         image_entries = _require_list(path, data, "images")
         annotation_entries = _require_list(path, data, "annotations")
         category_entries = _require_list(path, data, "categories")
-        self.images = _parse_images(path, image_entries, self.images_dir)
+        super().__init__(_parse_images(path, image_entries, self.images_dir), f"annotations {str(path)!r}")
         self.categories = _parse_categories(path, category_entries)
-        self._by_id = {r.image_id: r for r in self.images}
         self._targets, self.stats = self._parse_annotations(path, annotation_entries)
 
     def _parse_annotations(self, path: Path, entries: list):
@@ -276,17 +304,8 @@ class CocoDetectionSource:
                                  np.asarray(labels, np.int64), np.asarray(crowds, bool))
         return targets, stats
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __repr__(self) -> str:
-        return f"CocoDetectionSource({len(self)} images, {self.categories.num_classes} classes, {self.origin})"
-
-    def get(self, image_id: int) -> ImageRecord:
-        try:
-            return self._by_id[int(image_id)]
-        except KeyError:
-            raise KeyError(f"image id {image_id} is not in {self.origin}") from None
+    def _repr_details(self) -> list[str]:
+        return [f"{self.categories.num_classes} classes"]
 
     def targets(self, image_id: int) -> dict[str, np.ndarray]:
         """``boxes float32 [N, 4]`` xyxy original pixels, ``labels int64 [N]``, ``iscrowd bool [N]`` (copies)."""
@@ -318,7 +337,7 @@ def stable_image_id(relative_name: str) -> int:
     return int.from_bytes(digest[:7], "big") >> 4
 
 
-class UnlabeledSource:
+class UnlabeledSource(ImageSource):
     """Images without annotations, from a COCO image-info JSON or from every image in a folder.
 
     With ``image_info_json`` (e.g. ``image_info_unlabeled2017.json``) only ``"images"`` is read;
@@ -335,15 +354,13 @@ class UnlabeledSource:
         self.categories: CategoryMap | None = None
         if self.image_info_path is not None:
             path = self.image_info_path
-            self.origin = f"image info {str(path)!r}"
             data = _load_json(path)
-            self.images = _parse_images(path, _require_list(path, data, "images"), self.images_dir)
+            super().__init__(_parse_images(path, _require_list(path, data, "images"), self.images_dir),
+                             f"image info {str(path)!r}")
             if isinstance(data.get("categories"), list) and data["categories"]:
                 self.categories = _parse_categories(path, data["categories"])
         else:
-            self.origin = f"folder {str(self.images_dir)!r}"
-            self.images = self._scan_folder(recursive)
-        self._by_id = {r.image_id: r for r in self.images}
+            super().__init__(self._scan_folder(recursive), f"folder {str(self.images_dir)!r}")
 
     def _scan_folder(self, recursive: bool) -> list[ImageRecord]:
         if not self.images_dir.is_dir():
@@ -365,17 +382,6 @@ class UnlabeledSource:
             records[image_id] = ImageRecord(image_id, name, self.images_dir / name, height, width)
         return sorted(records.values(), key=lambda r: r.image_id)
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __repr__(self) -> str:
-        return f"UnlabeledSource({len(self)} images, {self.origin})"
-
-    def get(self, image_id: int) -> ImageRecord:
-        try:
-            return self._by_id[int(image_id)]
-        except KeyError:
-            raise KeyError(f"image id {image_id} is not in {self.origin}") from None
 
 
 def check_disjoint_ids(*sources, allow_same_file: bool = True) -> None:

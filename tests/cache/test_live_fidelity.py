@@ -13,7 +13,7 @@ import zarr
 from conftest import make_spread_teacher
 
 from sadpipe.cache.format import StoreMismatchError
-from sadpipe.cache.inspect import verify_store
+from sadpipe.cache.store_report import verify_store
 from sadpipe.cache.live_fidelity import FRESH_STUDENT, format_fidelity, store_fidelity
 from sadpipe.cache.reader import TeacherCache
 from sadpipe.data.dataset import labeled_source

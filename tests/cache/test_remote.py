@@ -16,7 +16,7 @@ from s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures
 
 from sadpipe.cache.codec import codec_from_dict
 from sadpipe.cache.format import CacheStoreError, IncompleteStoreError, NotAStoreError
-from sadpipe.cache.inspect import store_info, verify_store
+from sadpipe.cache.store_report import store_info, verify_store
 from sadpipe.cache.reader import FailedImageError, TeacherCache
 from sadpipe.cache.storage import request_stats, store_location, url_or_path
 from sadpipe.cache.writer import StoreWriter

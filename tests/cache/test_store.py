@@ -19,7 +19,7 @@ from sadpipe.cache.format import (
     StoreMismatchError,
     StoreWriteError,
 )
-from sadpipe.cache.inspect import verify_store
+from sadpipe.cache.store_report import verify_store
 from sadpipe.cache.reader import FailedImageError, TeacherCache
 from sadpipe.cache.writer import StoreWriter
 

@@ -219,15 +219,6 @@ def store_info(path) -> dict:
             if (ok & (encoding == tg.SPARSE)).any() else 0.0,
         }
     total = _prefix_bytes(sizes, "")
-    per_split = {}
-    for code, name in fmt.SPLIT_NAMES.items():
-        sel = split == code
-        per_split[name] = {
-            "images": int(sel.sum()),
-            "ok": int((sel & ok).sum()),
-            "failed": int((sel & (status == fmt.STATUS_FAILED)).sum()),
-            "pending": int((sel & (status == fmt.STATUS_PENDING)).sum()),
-        }
     return {
         "path": str(loc),
         "format_version": meta["format_version"],
@@ -236,7 +227,7 @@ def store_info(path) -> dict:
         "num_images": int(ids.size),
         "num_shards": meta["num_shards"],
         "images_per_shard": meta["images_per_shard"],
-        "splits": per_split,
+        "splits": fmt.counts_by_split(split, status, ("ok", "failed", "pending")),
         "ok": int(ok.sum()),
         "failed": int((status == fmt.STATUS_FAILED).sum()),
         "pending": int((status == fmt.STATUS_PENDING).sum()),

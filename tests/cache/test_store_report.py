@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import zarr
 
-from sadpipe.cache.inspect import format_store_info, store_info, verify_store
+from sadpipe.cache import format as fmt
+from sadpipe.cache.store_report import format_store_info, store_info, verify_store
 from sadpipe.cache.writer import StoreWriter
 
 from . import NUM_CLASSES, make_result, make_spec, shard_results, write_all
@@ -19,6 +21,16 @@ def _finished_store(path, n=10, images_per_shard=4, failed=frozenset({5})):
     write_all(writer, spec, failed)
     writer.finalize()
     return spec
+
+
+def test_counts_by_split_counts_each_named_status():
+    split = np.array([0, 0, 1, 1, 1], np.uint8)  # labeled, labeled, unlabeled x 3
+    status = np.array([fmt.STATUS_OK, fmt.STATUS_FAILED, fmt.STATUS_PENDING, fmt.STATUS_OK, fmt.STATUS_OK], np.uint8)
+    counts = fmt.counts_by_split(split, status, ("ok", "failed", "pending"))
+    assert counts == {"labeled": {"images": 2, "ok": 1, "failed": 1, "pending": 0},
+                      "unlabeled": {"images": 3, "ok": 2, "failed": 0, "pending": 1}}
+    assert list(counts["unlabeled"]) == ["images", "ok", "failed", "pending"]  # the order asked for
+    assert fmt.counts_by_split(split, status, ("failed",))["labeled"] == {"images": 2, "failed": 1}
 
 
 def test_clean_store_verifies(tmp_path):
