@@ -240,6 +240,16 @@ class ImageSource:
         except KeyError:
             raise KeyError(f"image id {image_id} is not in {self.origin}") from None
 
+    def subset(self, image_ids, note: str):
+        """The same source restricted to ``image_ids`` (``note`` is added to its origin). COCO
+        evaluation of a subset counts only its images (``images`` is what evaluators pass on)."""
+        keep = {int(i) for i in image_ids}
+        part = copy.copy(self)
+        part.images = [r for r in self.images if r.image_id in keep]
+        part._by_id = {r.image_id: r for r in part.images}
+        part.origin = f"{self.origin}, {note}"
+        return part
+
 
 class CocoDetectionSource(ImageSource):
     """A COCO instances file plus its images folder.
@@ -312,16 +322,6 @@ class CocoDetectionSource(ImageSource):
         self.get(image_id)
         boxes, labels, crowds = self._targets[int(image_id)]
         return {"boxes": boxes.copy(), "labels": labels.copy(), "iscrowd": crowds.copy()}
-
-    def subset(self, image_ids, note: str) -> "CocoDetectionSource":
-        """The same source restricted to ``image_ids`` (``note`` is added to its origin). COCO
-        evaluation of a subset counts only its images (``images`` is what evaluators pass on)."""
-        keep = {int(i) for i in image_ids}
-        part = copy.copy(self)
-        part.images = [r for r in self.images if r.image_id in keep]
-        part._by_id = {r.image_id: r for r in part.images}
-        part.origin = f"{self.origin}, {note}"
-        return part
 
 
 # ---------------------------------------------------------------------------- unlabeled source
