@@ -123,15 +123,8 @@ def _adaptive_weight(difficulty: Tensor, gamma: float) -> Tensor:
     return (-torch.expm1(-difficulty)).clamp_min(0.0) ** gamma
 
 
-def adaptive_distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    beta: float = 1.0,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    variant: str = "paper",
-) -> Tensor:
+def adaptive_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, *,
+                               beta: float = 1.0, gamma: float = 2.0, reduction: str = "none", variant: str = "paper") -> Tensor:
     """Adaptive Distillation Loss (ADL), elementwise over ``[..., K]`` logits.
 
     ``variant="paper"`` (default, paper eq.)::
@@ -187,13 +180,8 @@ def adaptive_distillation_loss(
     return _reduce(loss, reduction)
 
 
-def focal_distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    gamma: float = 2.0,
-    reduction: str = "none",
-) -> Tensor:
+def focal_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, *,
+                            gamma: float = 2.0, reduction: str = "none") -> Tensor:
     """Focal-style distillation loss (FDL baseline): ADL with ``beta=0``.
 
     ``FDL = (1 - exp(-KL(q||p))) ** gamma * KL(q||p)``, elementwise, same
@@ -204,13 +192,8 @@ def focal_distillation_loss(
     )
 
 
-def binary_kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    temperature: float = 1.0,
-    reduction: str = "none",
-) -> Tensor:
+def binary_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *,
+                   temperature: float = 1.0, reduction: str = "none") -> Tensor:
     """Plain per-entry binary KD: ``KL(sigmoid(z_t/T) || sigmoid(z_s/T)) * T**2``.
 
     The ``T**2`` factor keeps the gradient scale comparable across
@@ -316,14 +299,8 @@ def foreground_normalizer(num_foreground: Tensor | int) -> Tensor:
     return n.to(torch.float32).sum().clamp_min(1.0)
 
 
-def sigmoid_focal_loss(
-    logits: Tensor,
-    targets: Tensor,
-    *,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-) -> Tensor:
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, *,
+                       alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> Tensor:
     """Sigmoid focal loss (Lin et al.), elementwise, same values as torchvision's.
 
     ::
