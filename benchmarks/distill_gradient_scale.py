@@ -18,6 +18,7 @@ import torch
 
 from sadpipe import losses
 from sadpipe.cache import TeacherCache
+from sadpipe.cache.targets import decode as decode_targets
 from sadpipe.config import load_config
 from sadpipe.data.dataset import DetectionDataset, collate, labeled_source
 from sadpipe.distill import WithTeacher
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
         if len({tuple(p) for p in batch["padded_size"]}) != 1:
             raise SystemExit("images of several padded sizes in the batch; use the toy data or fewer images")
         logits = student(batch["images"])[0].detach()
-        teacher = torch.stack(batch["teacher_logits"])
+        teacher = torch.stack([decode_targets(t, cache.code_table) for t in batch["teacher"]])
         norm = losses.adaptive_normalizer(teacher, power=cfg["distill"]["normalizer_power"])
         rows = {}
         for loss_name, fn in LOSSES.items():
