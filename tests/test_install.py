@@ -18,9 +18,19 @@ from sadpipe.config import shipped_pipelines
 def test_the_checkout_pipelines_are_the_shipped_ones():
     # pipelines/ in a checkout links to the files the package ships: one source
     shipped = shipped_pipelines()
-    assert set(shipped) == {"toy", "coco_r101_teacher", "coco_sad_r50"}
+    assert set(shipped) == {"toy", "toy_paper_regime", "coco_r101_teacher", "coco_sad_r50"}
     for name, path in shipped.items():
         assert (REPO / "pipelines" / f"{name}.toml").resolve() == path.resolve()
+
+
+def test_the_paper_regime_pipeline_differs_from_the_toy_one_only_where_it_says():
+    from sadpipe.config import load_config
+    toy, paper = load_config("toy"), load_config("toy_paper_regime")
+    assert paper["data"] == toy["data"] and paper["geometry"] == toy["geometry"]
+    assert paper["teacher"]["model"] == toy["teacher"]["model"]  # the same ResNet-18, trained longer
+    assert paper["teacher"]["train"]["max_steps"] == 4000 and toy["teacher"]["train"]["max_steps"] == 500
+    assert paper["student"]["model"]["tiny_widths"] == [32, 64, 128, 256]
+    assert paper["dump"]["with_box_regression"] and paper["distill"]["loss_weight"] == 0.5  # the paper's weight
 
 
 @pytest.mark.slow
