@@ -19,19 +19,19 @@ import torch
 from sadpipe import losses
 from sadpipe.cache import TeacherCache
 from sadpipe.cache.targets import decode as decode_targets
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.dataset import DetectionDataset, collate, labeled_source
-from sadpipe.distill import WithTeacher
+from sadpipe.tasks.distill import WithTeacher
 from sadpipe.models import load_detector
-from sadpipe.train import build_model_for
+from sadpipe.tasks.supervised import build_model_for
 
 LOSSES = {
-    "kd": lambda s, t, d: losses.binary_kd_loss(s, t, temperature=d["temperature"]),
-    "adl": lambda s, t, d: losses.adaptive_distillation_loss(s, t, beta=d["beta"], gamma=d["gamma"]),
-    "adl_released": lambda s, t, d: losses.adaptive_distillation_loss(s, t, beta=d["beta"], gamma=d["gamma"],
+    "kd": lambda s, t, d: losses.binary_kd_loss(s, t, temperature=d.temperature),
+    "adl": lambda s, t, d: losses.adaptive_distillation_loss(s, t, beta=d.beta, gamma=d.gamma),
+    "adl_released": lambda s, t, d: losses.adaptive_distillation_loss(s, t, beta=d.beta, gamma=d.gamma,
                                                                       variant="released"),
-    "fdl": lambda s, t, d: losses.focal_distillation_loss(s, t, gamma=d["gamma"]),
-    "weighted_ce": lambda s, t, d: losses.weighted_soft_cross_entropy(s, t, background_weight=d["background_weight"]),
+    "fdl": lambda s, t, d: losses.focal_distillation_loss(s, t, gamma=d.gamma),
+    "weighted_ce": lambda s, t, d: losses.weighted_soft_cross_entropy(s, t, background_weight=d.background_weight),
 }
 
 
@@ -45,9 +45,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_settings(args.config, args.overrides)
     cache = TeacherCache(args.cache)
-    src = labeled_source(cfg, "train")
+    src = labeled_source(cfg.data, "train")
     students = {"fresh": build_model_for(cfg, "student", src.categories)}
     if args.student:
         students[str(args.student)] = load_detector(args.student)
@@ -62,11 +62,11 @@ def main(argv=None) -> None:
             raise SystemExit("images of several padded sizes in the batch; use the toy data or fewer images")
         logits = student(batch["images"])[0].detach()
         teacher = torch.stack([decode_targets(t, cache.code_table) for t in batch["teacher"]])
-        norm = losses.adaptive_normalizer(teacher, power=cfg["distill"]["normalizer_power"])
+        norm = losses.adaptive_normalizer(teacher, power=cfg.distill.normalizer_power)
         rows = {}
         for loss_name, fn in LOSSES.items():
             s = logits.clone().requires_grad_(True)
-            value = fn(s, teacher, cfg["distill"]).sum() / norm
+            value = fn(s, teacher, cfg.distill).sum() / norm
             (grad,) = torch.autograd.grad(value, s)
             rows[loss_name] = (value.item(), grad.norm().item())
         for loss_name, (value, gnorm) in rows.items():

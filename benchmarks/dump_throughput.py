@@ -2,7 +2,7 @@
 
 For each DataLoader worker count it measures, over the same first N images of the dump plan:
   (a) bare: DataLoader (same images, views and batches as the dump) + teacher forward only;
-  (b) dump: ``sadpipe.dump.dump_teacher(limit=N)`` (forward + encode + postprocess + zarr write
+  (b) dump: ``sadpipe.tasks.dump.dump_teacher(limit=N)`` (forward + encode + postprocess + zarr write
       on the background thread), loop time only (the codec fit is reported apart);
   (c) the ratio dump / bare (target >= 0.9);
 and once (d) the read side: ms per image of ``TeacherCache.get`` (decode), per view.
@@ -24,23 +24,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from sadpipe.cache.reader import TeacherCache
-from sadpipe.config import load_config
-from sadpipe.dump import DumpImages, build_plan, dump_teacher, forward_batches
+from sadpipe.settings import load_settings
+from sadpipe.tasks.dump import DumpImages, build_plan, dump_teacher, forward_batches
 from sadpipe.models import load_detector
-from sadpipe.transforms import geometry_from_config
 
 
 @torch.no_grad()
 def bare_forward(cfg: dict, teacher, n: int, num_workers: int, views) -> tuple[float, float]:
     """(images/s, CPU ms per image of this process) of DataLoader + teacher forward over the
     first n plan images (the dump's batching)."""
-    _, preprocess = geometry_from_config(cfg)
+    preprocess = cfg.geometry.preprocess
     plan = build_plan(cfg, n)
-    per_shard = cfg["dump"]["images_per_shard"]
+    per_shard = cfg.dump.images_per_shard
     batches = [list(range(s, min(s + per_shard, len(plan)))) for s in range(0, len(plan), per_shard)]
     loader = DataLoader(DumpImages(plan, preprocess, views), batch_sampler=batches, collate_fn=list,
                         num_workers=num_workers)
-    bs = cfg["dump"]["batch_size"]
+    bs = cfg.dump.batch_size
     start, cpu = time.perf_counter(), time.process_time()
     for items in loader:
         ok = [it for it in items if not it["failure"]]
@@ -77,15 +76,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.config, args.overrides)
-    views = tuple(cfg["dump"]["views"])
+    cfg = load_settings(args.config, args.overrides)
+    views = tuple(cfg.dump.views)
     teacher = load_detector(args.teacher).eval()
     tmp = Path(tempfile.mkdtemp(prefix="dump_bench_"))
     store = args.keep or tmp / "cache.zarr"
     rows = []
     try:
         for w in [int(x) for x in args.workers.split(",")]:
-            cfg_w = load_config(args.config, args.overrides + [f"dump.num_workers={w}"])
+            cfg_w = load_settings(args.config, args.overrides + [f"dump.num_workers={w}"])
             bare, dump, fit = [], [], 0.0
             for _ in range(args.repeats):  # alternate so a busy neighbour hits both alike
                 bare.append(bare_forward(cfg_w, teacher, args.images, w, views))
@@ -102,8 +101,8 @@ def main(argv=None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\n{args.images} images x views {list(views)}, teacher {teacher.spec['arch']} "
-          f"({args.teacher}), batch {cfg['dump']['batch_size']}, {args.threads} torch thread(s), "
-          f"images_per_shard {cfg['dump']['images_per_shard']}\n")
+          f"({args.teacher}), batch {cfg.dump.batch_size}, {args.threads} torch thread(s), "
+          f"images_per_shard {cfg.dump.images_per_shard}\n")
     print("| num_workers | bare forward img/s | dump img/s | dump / bare | bare CPU ms/img | dump CPU ms/img "
           "| codec fit s |")
     print("|---|---|---|---|---|---|---|")

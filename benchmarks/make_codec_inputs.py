@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.dataset import DetectionDataset, collate, labeled_source, unlabeled_source
 from sadpipe.models import load_detector
-from sadpipe.train import build_model_for
+from sadpipe.tasks.supervised import build_model_for
 
 
 def main(argv=None) -> None:
@@ -34,9 +34,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_settings(args.config, args.overrides)
     teacher = load_detector(args.teacher).eval()
-    labeled, unlabeled = labeled_source(cfg, "train"), unlabeled_source(cfg)
+    labeled, unlabeled = labeled_source(cfg.data, "train"), unlabeled_source(cfg.data)
     half = args.images // 2
     samples = [DetectionDataset(labeled, teacher.preprocess)[i] for i in range(half)]
     if unlabeled is not None:

@@ -1,12 +1,12 @@
 """Student step time and peak memory: the student alone vs SAD from the cache vs online distillation.
 
-Three modes, each run by the real ``sadpipe.distill.train_student`` at the config's student batch
+Three modes, each run by the real ``sadpipe.tasks.distill.train_student`` at the config's student batch
 size and resolution:
   (a) none:   the student alone (focal + box loss, labeled images only);
   (b) sad:    SAD with soft targets read from the teacher cache (``--cache``);
   (c) online: SAD with the teacher in the loop (``distill.online_teacher=--teacher``): one teacher
               forward per step instead of the cache read.
-A step is timed from one ``batch_loss`` call to the next, so it holds data loading (and the cache
+A step is timed from one batch's arrival to the next (the loop's ``on_batch`` hook), so it holds data loading (and the cache
 read), forward, backward and the optimiser; the first ``--warmup`` steps are dropped and the median
 step is reported. Every run is its own subprocess so that peak memory is per mode: on CPU the
 growth of the process's peak RSS (``ru_maxrss``) from just before ``train_student`` to the end
@@ -39,34 +39,29 @@ def worker(args) -> dict:
     """Run one mode in this process; return its measurements."""
     import torch
 
-    import sadpipe.distill as distill
-    from sadpipe.config import load_config
+    from sadpipe.engine.loop import Hooks
+    from sadpipe.settings import load_settings
+    from sadpipe.tasks.distill import train_student
 
     torch.set_num_threads(args.threads)
     overrides = list(args.set) + [f"distill.method={'none' if args.worker == 'none' else 'sad'}"]
     if args.worker == "online":
         overrides.append(f"distill.online_teacher={json.dumps(str(args.teacher))}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_settings(args.config, overrides)
     cache = args.cache if args.worker == "sad" else None
     stamps: list[float] = []
-    real_loss = distill.batch_loss
-
-    def timed_loss(*a, **k):
-        stamps.append(time.perf_counter())
-        return real_loss(*a, **k)
-
-    distill.batch_loss = timed_loss
+    hooks = Hooks(on_batch=lambda step, batch: stamps.append(time.perf_counter()))
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with tempfile.TemporaryDirectory() as out:
-        distill.train_student(cfg, cache, Path(out) / "run", device=args.device,
-                              max_steps=args.warmup + args.steps + 1, evaluate=False)
+        train_student(cfg, cache, Path(out) / "run", device=args.device, max_steps=args.warmup + args.steps + 1,
+                      evaluate=False, hooks=hooks)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:]
     return {
-        "mode": args.worker, "batch_size": cfg["student"]["train"]["batch_size"],
+        "mode": args.worker, "batch_size": cfg.student.train.batch_size,
         "step_ms": 1000 * statistics.median(steps), "steps": len(steps),
         "peak_mb": (torch.cuda.max_memory_allocated() / 2**20) if cuda else (rss_after - rss_before) / 1024,
         "peak_rss_mb": rss_after / 1024,

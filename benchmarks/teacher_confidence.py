@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sadpipe.cache.codec import default_codec
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.dataset import labeled_source
 from sadpipe.data.images import read_image
 from sadpipe.labeling import postprocess
@@ -50,8 +50,8 @@ def teacher_confidence(teacher, records, detect: dict, floor: float) -> dict:
         if bg.size:
             q_bg.append(rng.choice(bg, size=min(bg.size, 20000), replace=False))
         d = postprocess(cls, box, layout.anchors(padded), [size], layout.anchors_per_level(padded),
-                        score_thresh=min(0.3, detect["score_thresh"]), nms_thresh=detect["nms_thresh"],
-                        detections_per_img=detect["detections_per_img"], topk_candidates=detect["topk_candidates"])[0]
+                        score_thresh=min(0.3, detect.score_thresh), nms_thresh=detect.nms_thresh,
+                        detections_per_img=detect.detections_per_img, topk_candidates=detect.topk_candidates)[0]
         dets50.append(int((d["scores"] >= 0.5).sum()))
         dets30.append(int((d["scores"] >= 0.3).sum()))
     q_all, q_bg = np.concatenate(q_all), np.concatenate(q_bg) if q_bg else np.zeros(1)
@@ -76,12 +76,12 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=64)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = load_config(args.config, args.overrides)
-    records = labeled_source(cfg, args.split).images[: args.images]
+    cfg = load_settings(args.config, args.overrides)
+    records = labeled_source(cfg.data, args.split).images[: args.images]
     floor = default_codec().floor
     out = {}
     for path in args.teacher:
-        out[path] = teacher_confidence(load_detector(path).eval(), records, cfg["detect"], floor)
+        out[path] = teacher_confidence(load_detector(path).eval(), records, cfg.detect, floor)
         print(json.dumps({path: out[path]}, indent=1), flush=True)
 
 

@@ -51,7 +51,7 @@ class BackboneWeightsError(ConfigError):
     """A frozen-BatchNorm backbone without trained weights; the message names the config key and the fix."""
 
 
-def _calibration_batch(seed: int, index: int, batch_size: int, image_size: int) -> torch.Tensor:
+def calibration_batch(seed: int, index: int, batch_size: int, image_size: int) -> torch.Tensor:
     """float32 [batch_size, 3, S, S]: toy train-style images, ImageNet-normalised."""
     images = [render_toy_image(image_rng(seed, "train", index * batch_size + j), "train", image_size)[0]
               for j in range(batch_size)]
@@ -90,7 +90,7 @@ def make_standin_backbone_weights(arch: str, *, seed: int = 0, batches: int = 4,
     model.train()
     with torch.no_grad():
         for index in range(batches):
-            model(_calibration_batch(seed, index, batch_size, image_size))
+            model(calibration_batch(seed, index, batch_size, image_size))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -120,7 +120,7 @@ def check_pretrained_backbone(model: nn.Module, role: str, backbone_weights: str
                               allow_random: bool) -> None:
     """Refuse a detector about to be trained whose frozen-BatchNorm backbone has no trained weights.
 
-    ``model`` is a ``sadpipe.models.Detector`` as built for training from ``cfg[role]["model"]``
+    ``model`` is a ``sadpipe.models.Detector`` as built for training from ``cfg.<role>.model``
     (``backbone_weights`` is that table's file, empty or None when unset). Raises
     ``BackboneWeightsError`` unless ``allow_random`` (``<role>.model.allow_random_backbone``).
     """

@@ -23,11 +23,11 @@ def _config_options(fn):
                   help="auto uses CUDA when available.")
     @functools.wraps(fn)
     def wrapper(*args, config_path, overrides, **kwargs):
-        from .config import load_config
         from .demo import default_pipeline
         from .errors import UserError
+        from .settings import load_settings
         try:
-            cfg = load_config(config_path or default_pipeline(), overrides)
+            cfg = load_settings(config_path or default_pipeline(), overrides)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -153,7 +153,7 @@ def train_teacher_cmd(cfg, out, max_steps, resume, role, device):
       sadpipe train-teacher --config pipelines/coco_r101_teacher.toml --out runs/r101 --set data.root=/data/coco
     """
     from .evaluate import format_metrics_table
-    from .train import train_detector
+    from .tasks.supervised import train_detector
     summary = train_detector(cfg, out, role=role, device=device, max_steps=max_steps, resume=resume)
     if "metrics" in summary:
         click.echo(format_metrics_table({f"{role} ({summary['arch']})": summary["metrics"]}))
@@ -176,15 +176,15 @@ def evaluate_cmd(cfg, checkpoint, out, device):
     """
     from .config import save_resolved
     from .data.dataset import labeled_source
+    from .engine.device import select_device
     from .evaluate import format_metrics_table
+    from .inference import evaluate_model
     from .models import load_detector
-    from .predict import evaluate_model
-    from .training import select_device
     dev = select_device(device)
     model = load_detector(checkpoint).to(dev)
     out = out or checkpoint.with_name(checkpoint.stem + "_eval.json")
-    metrics = evaluate_model(model, labeled_source(cfg, "val"), cfg, dev, out_json=out)
-    save_resolved(cfg, out.parent, name=f"{out.stem}.config.resolved.toml")
+    metrics = evaluate_model(model, labeled_source(cfg.data, "val"), cfg.detect, dev, out_json=out)
+    save_resolved(cfg.resolved, out.parent, name=f"{out.stem}.config.resolved.toml")
     click.echo(format_metrics_table({checkpoint.name: metrics}))
     click.echo(f"wrote {out}")
 
@@ -213,7 +213,7 @@ def dump_teacher_cmd(cfg, teacher, out, views, with_box_regression, overwrite, s
       torchrun --nproc-per-node 8 -m sadpipe dump-teacher --config pipelines/coco_sad_r50.toml \\
           --teacher r101.pt --out /data/cache.zarr
     """
-    from .dump import dump_teacher
+    from .tasks.dump import dump_teacher
     summary = dump_teacher(cfg, teacher, out, device=device, views=tuple(views.split(",")) if views else None,
                            with_box_regression=with_box_regression, overwrite=overwrite, strict=strict,
                            limit=limit)
@@ -284,10 +284,12 @@ def train_student_cmd(cfg, cache, out, method, max_steps, resume, device):
       torchrun --nproc-per-node 8 -m sadpipe train-student --config pipelines/coco_sad_r50.toml \\
           --cache /data/cache.zarr --out runs/r50_sad
     """
-    from .distill import train_student
+    from .config import apply_override
     from .evaluate import format_metrics_table
+    from .settings import settings_from_dict
+    from .tasks.distill import train_student
     if method:
-        cfg["distill"]["method"] = method
+        cfg = settings_from_dict(apply_override(cfg.resolved, f'distill.method="{method}"'))
     summary = train_student(cfg, cache, out, device=device, max_steps=max_steps, resume=resume)
     if "metrics" in summary:
         click.echo(format_metrics_table({f"student {summary['method']} ({summary['arch']})": summary["metrics"]}))
@@ -322,9 +324,9 @@ def cache_fidelity_cmd(store, teacher, images, student, config_path, overrides, 
       sadpipe cache fidelity runs/demo/cache.zarr --teacher runs/demo/teacher/final.pt --images 32
     """
     from .cache.live_fidelity import format_fidelity, store_fidelity
-    from .config import load_config
-    from .training import select_device
-    cfg = load_config(config_path, overrides) if config_path else None
+    from .engine.device import select_device
+    from .settings import load_settings
+    cfg = load_settings(config_path, overrides) if config_path else None
     result = store_fidelity(store, teacher, cfg, images=images, student_path=student,
                             device=str(select_device(device)), seed=seed)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else format_fidelity(result))
@@ -363,10 +365,10 @@ def import_checkpoint_cmd(src, dst, source, arch, num_classes, coco91_to_80, con
       sadpipe import-checkpoint --from mmdet retinanet_r101_fpn_2x_coco.pth r101_mmdet.pt
       sadpipe import-checkpoint --from detectron2 model_final_971ab9.pkl r101_d2.pt --config pipelines/coco_sad_r50.toml
     """
-    from .config import ConfigError, load_config
+    from .config import ConfigError
     from .models import load_detector, save_checkpoint
-    from .transforms import geometry_from_config
-    cfg = load_config(config_path) if config_path else None
+    from .settings import load_settings
+    cfg = load_settings(config_path) if config_path else None
     if source == "torchvision":
         if arch is None or num_classes is None:
             raise ConfigError("--from torchvision needs --arch and --num-classes")
@@ -374,7 +376,7 @@ def import_checkpoint_cmd(src, dst, source, arch, num_classes, coco91_to_80, con
             raise ConfigError("--categories is for --from mmdet / detectron2; use --coco91-to-80 for torchvision")
         layout = preprocess = None
         if cfg:
-            layout, preprocess = geometry_from_config(cfg)
+            layout, preprocess = cfg.geometry.layout, cfg.geometry.preprocess
         model = load_detector(src, arch=arch, num_classes=num_classes, layout=layout, preprocess=preprocess,
                               coco91_to_80=coco91_to_80)
         save_checkpoint(dst, model, {"imported_from": str(src)})
@@ -386,7 +388,7 @@ def import_checkpoint_cmd(src, dst, source, arch, num_classes, coco91_to_80, con
                           "brings its own")
     options = {}
     if cfg:
-        options = {k: cfg["geometry"][k] for k in ("min_size", "max_size", "pad_divisor")}
+        options = {k: getattr(cfg.geometry.preprocess, k) for k in ("min_size", "max_size", "pad_divisor")}
     if categories_path:
         options["categories"] = categories_from_file(categories_path)
     model, provenance = convert_with_provenance(src, source, **options)

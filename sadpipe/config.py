@@ -10,6 +10,7 @@ output as ``config.resolved.toml``.
 from __future__ import annotations
 
 import copy
+import json
 import tomllib
 from pathlib import Path
 
@@ -222,28 +223,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def data_path(cfg: dict, key: str) -> Path | None:
-    """The path of data key ``key`` (e.g. 'train_images'), resolved against data.root; None if unset."""
-    value = cfg["data"][key]
-    if not value:
-        return None
-    p = Path(value).expanduser()
-    root = cfg["data"]["root"]
-    return p if p.is_absolute() or not root else Path(root).expanduser() / p
+def flatten(value, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": leaf}; lists stay leaves (compared whole); an empty table is a leaf {}."""
+    if isinstance(value, dict):
+        out: dict = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        if not value and prefix:
+            out[prefix] = {}
+        return out
+    return {prefix: value}
 
 
-def path_in_data_root(cfg: dict, path: str | Path) -> str:
-    """``path`` relative to data.root (POSIX form), as the teacher cache records an image, so a
-    cache made on one machine matches the same files under another root; a path outside the
-    root is kept whole."""
-    p = Path(path).expanduser()
-    root = cfg["data"]["root"]
-    if root:
-        try:
-            return p.relative_to(Path(root).expanduser()).as_posix()
-        except ValueError:
-            pass
-    return p.as_posix()
+def short_repr(value, limit: int = 80) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_differences(a: dict, b: dict, a_name: str, b_name: str, ignore=lambda key: False) -> list[str]:
+    """Human lines "key: <a> (a_name) vs <b> (b_name)" for every leaf that differs, except keys ``ignore`` accepts."""
+    fa, fb = flatten(a), flatten(b)
+    lines = []
+    for key in sorted(set(fa) | set(fb)):
+        if ignore(key):
+            continue
+        va, vb = fa.get(key, "<missing>"), fb.get(key, "<missing>")
+        if va != vb:
+            lines.append(f"{key}: {short_repr(va)} ({a_name}) vs {short_repr(vb)} ({b_name})")
+    return lines
 
 
 def save_resolved(cfg: dict, out_dir: str | Path, name: str = "config.resolved.toml") -> Path:

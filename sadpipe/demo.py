@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from .errors import MissingInputError
-from .config import load_config, shipped_pipelines
+from .config import shipped_pipelines
+from .settings import PipelineConfig, load_settings
 
 
 def default_pipeline() -> Path:
@@ -65,16 +66,16 @@ def has_state(run_dir: Path) -> bool:
     return (run_dir / "train_state.pt").exists()
 
 
-def toy_config(workdir: Path, overrides=(), pipeline: Path | None = None) -> dict:
-    return load_config(pipeline or default_pipeline(), [f"data.root={json.dumps(str(workdir / 'data'))}", *overrides])
+def toy_config(workdir: Path, overrides=(), pipeline: Path | None = None) -> PipelineConfig:
+    return load_settings(pipeline or default_pipeline(), [f"data.root={json.dumps(str(workdir / 'data'))}", *overrides])
 
 
-def prepare_teacher_and_cache(workdir: Path, cfg: dict, device: str) -> tuple[dict, Path, Path]:
+def prepare_teacher_and_cache(workdir: Path, cfg: PipelineConfig, device: str) -> tuple[dict, Path, Path]:
     """Stages 1-3: toy data, teacher, teacher cache. Returns (teacher summary, checkpoint, store)."""
     from .cache.store_report import store_info
     from .data.toy import make_toy_dataset
-    from .dump import dump_teacher
-    from .train import train_detector
+    from .tasks.dump import dump_teacher
+    from .tasks.supervised import train_detector
 
     run_stage(workdir, "data", "stage 1/5: toy dataset", lambda d: make_toy_dataset(workdir / "data", seed=0))
     teacher = run_stage(workdir, "teacher", "stage 2/5: train the teacher",
@@ -92,7 +93,7 @@ def prepare_teacher_and_cache(workdir: Path, cfg: dict, device: str) -> tuple[di
 
 def run_demo(workdir: str | Path, *, overrides=(), device: str = "auto", fresh: bool = False) -> dict:
     """data -> teacher -> teacher cache -> student alone and student with SAD -> table, report.md, plots."""
-    from .distill import train_student
+    from .tasks.distill import train_student
     from .evaluate import format_metrics_table
     from .report import markdown_table, plot_losses, plot_map
 

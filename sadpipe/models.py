@@ -29,6 +29,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .engine.run_state import atomic_save
 from .errors import UserError
 from .data.coco import COCO80_CATEGORY_IDS, torchvision_coco91_to_80_channels
 from .geometry import AnchorLayout
@@ -119,6 +120,14 @@ def default_spec(arch: str, num_classes: int, layout: AnchorLayout, preprocess: 
                     head_norm="group" if arch.endswith("_v2") else "none")
     spec.update(_structure_options(arch, model_cfg))
     return spec
+
+
+def model_spec(model_cfg, num_classes: int, layout: AnchorLayout, preprocess: Preprocess, *,
+               category_ids=None, class_names=None) -> dict:
+    """The spec of a model described by a ``settings.ModelConfig`` (a [*.model] table)."""
+    return default_spec(model_cfg.arch, num_classes, layout, preprocess, fpn_channels=model_cfg.fpn_channels,
+                        tiny_widths=list(model_cfg.tiny_widths), backbone_norm=model_cfg.backbone_norm,
+                        head_norm=model_cfg.head_norm, category_ids=category_ids, class_names=class_names)
 
 
 class Detector(nn.Module):
@@ -223,13 +232,10 @@ def build_detector(spec: dict, backbone_weights: str | Path | None = None) -> De
 def save_checkpoint(path: str | Path, model: Detector, extra: dict | None = None) -> Path:
     """Write a self-describing checkpoint atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = model.module if hasattr(model, "module") else model
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "spec": module.spec,
                "model": module.state_dict(), "extra": extra or {}}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_save(payload, path)
     return path
 
 
@@ -328,6 +334,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ARCHS", "Detector", "CheckpointError", "build_detector", "default_spec", "load_detector",
+__all__ = ["ARCHS", "Detector", "CheckpointError", "build_detector", "default_spec", "model_spec", "load_detector",
            "save_checkpoint", "file_sha256", "count_parameters", "COCO80_CATEGORY_IDS", "coco80_class_names",
            "PyramidTop"]

@@ -1,7 +1,7 @@
 """Opt-in shard-local sampling of a student stream, so teacher-cache reads can be whole shards
 read ahead in the background (``distill.shard_window``; docs/cache_format.md, "Remote stores").
 
-The default :class:`~sadpipe.training.ResumableSampler` draws a fresh random permutation of all
+The default :class:`~sadpipe.engine.streams.ResumableSampler` draws a fresh random permutation of all
 images each epoch; on a high-latency store every record then costs one range request per array
 and a shard index request the first time each shard is met. :class:`ShardAwareSampler` instead
 
@@ -87,7 +87,7 @@ def use_shard_order(stream, cache, *, window: int, info) -> None:
     """Replace ``stream``'s sampler by a ShardAwareSampler over ``cache``'s shards and give the
     stream its own clone of the cache (two streams read different shard orders).
 
-    ``stream``: a loop.Stream whose dataset is a distill.WithTeacher or a ConcatDataset of them.
+    ``stream``: an engine.streams.Stream whose dataset is a tasks.distill.WithTeacher or a ConcatDataset of them.
     """
     parts = _teacher_datasets(stream.dataset)
     if not parts or len(parts) != len(getattr(stream.dataset, "datasets", [stream.dataset])):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.toy import make_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def tiny_overrides(root: Path) -> list[str]:
 
 @pytest.fixture
 def tiny_cfg(toy_root) -> dict:
-    return load_config(REPO / "pipelines" / "toy.toml", tiny_overrides(toy_root))
+    return load_settings(REPO / "pipelines" / "toy.toml", tiny_overrides(toy_root))
 
 
 def make_spread_teacher(cfg: dict, path: Path, seed: int = 0) -> Path:
@@ -48,10 +48,10 @@ def make_spread_teacher(cfg: dict, path: Path, seed: int = 0) -> Path:
     some detections), for dump and cache tests that need real geometry but no training."""
     from sadpipe.data.dataset import labeled_source
     from sadpipe.models import save_checkpoint
-    from sadpipe.train import build_model_for
+    from sadpipe.tasks.supervised import build_model_for
 
     torch.manual_seed(seed)
-    model = build_model_for(cfg, "teacher", labeled_source(cfg, "train").categories)
+    model = build_model_for(cfg, "teacher", labeled_source(cfg.data, "train").categories)
     with torch.no_grad():
         model.head.classification_head.cls_logits.weight.normal_(0.0, 0.1)
         model.head.classification_head.cls_logits.bias.fill_(-3.5)

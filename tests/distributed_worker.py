@@ -1,7 +1,7 @@
 """One rank of the 2-process tests in test_distributed.py (started with RANK/WORLD_SIZE/MASTER_* set).
 
     python distributed_worker.py fit SCENARIO TOY_ROOT OUT_DIR
-        Trains a tiny SAD student for 2 steps with the real ``sadpipe.loop.fit`` (DDP over gloo) on
+        Trains a tiny SAD student for 2 steps with the real ``sadpipe.engine.loop.fit`` (DDP over gloo) on
         fixed hand-made batches that differ per rank (SCENARIOS below). At every optimiser step it
         records the parameters' gradients as DDP left them, and, independently, the gradients this
         rank's batch gives the same weights without DDP (a copy of the model, the plain loss).
@@ -62,7 +62,7 @@ def compact_targets(logits: torch.Tensor):
 
 
 class FixedStream:
-    """The part of sadpipe.loop.Stream that fit uses, serving fixed batches in turn."""
+    """The part of sadpipe.engine.streams.Stream that fit uses, serving fixed batches in turn."""
 
     def __init__(self, batches: list[dict]):
         self.fixed, self.per_epoch, self.dataset = batches, len(batches), batches
@@ -83,60 +83,49 @@ def grads(model) -> dict:
 def run_fit(scenario: str, toy_root: str, out_dir: str) -> None:
     from conftest import REPO, tiny_overrides
 
-    import sadpipe.distill as distill
-    import sadpipe.loop as loop
-    from sadpipe.config import load_config
+    from sadpipe.cache.codec import default_codec
+    from sadpipe.cache.targets import code_table
     from sadpipe.data.dataset import labeled_source
-    from sadpipe.predict import AnchorCache
-    from sadpipe.train import build_model_for
-    from sadpipe.training import init_distributed
+    from sadpipe.engine.device import AnchorCache
+    from sadpipe.engine.distributed import init_distributed
+    from sadpipe.engine.loop import Hooks, RunSpec, fit
+    from sadpipe.settings import load_settings
+    from sadpipe.tasks.distill import batch_loss
+    from sadpipe.tasks.supervised import build_model_for
 
     cpu = torch.device("cpu")
     info = init_distributed(cpu)
-    cfg = load_config(REPO / "pipelines" / "toy.toml", tiny_overrides(Path(toy_root)) + [
+    cfg = load_settings(REPO / "pipelines" / "toy.toml", tiny_overrides(Path(toy_root)) + [
         "student.model.tiny_widths=[8,16,32,64]", "student.model.fpn_channels=16", "geometry.max_size=256",
         'distill.method="sad"', "student.train.warmup_steps=0"])
-    categories = labeled_source(cfg, "train").categories
+    categories = labeled_source(cfg.data, "train").categories
     torch.manual_seed(0)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     model = build_model_for(cfg, "student", categories)
     reference = build_model_for(cfg, "student", categories)
     spec = SCENARIOS[scenario][info.rank]
     stream = FixedStream([hand_batch(spec, model.layout, model.num_classes, seed=100 * info.rank + s)
                           for s in range(STEPS)])
-
-    from sadpipe.cache.codec import default_codec
-    from sadpipe.cache.targets import code_table
-
     table = code_table(default_codec())
 
     def loss_fn(net, batch, anchors):
-        return distill.batch_loss(net, batch, anchors, cfg, cpu, code_table=table)
+        return batch_loss(net, batch, anchors, cfg.distill, cfg.student.train, cpu, code_table=table)
 
     records = []
-    real_build = loop.build_optimizer
 
-    def recording_optimizer(m, train_cfg):
-        optimizer = real_build(m, train_cfg)
+    def before_update(step, batch, loss, m):
+        # the weights are still those of this step's forward: the same batch through a plain
+        # copy of them (no DDP, no extra term) gives this rank's own gradients
+        reference.load_state_dict(m.state_dict())
+        reference.train()
+        reference.zero_grad(set_to_none=True)
+        local = loss_fn(reference, batch, AnchorCache(m.layout, cpu))
+        local.total.backward()
+        records.append({"ddp": grads(m), "local": grads(reference), "local_loss": float(local.total),
+                        "terms": local.terms})
 
-        def before_step(*_):
-            # the weights are still those of this step's forward: the same batch through a plain
-            # copy of them (no DDP, no extra term) gives this rank's own gradients
-            reference.load_state_dict(m.state_dict())
-            reference.train()
-            reference.zero_grad(set_to_none=True)
-            local_loss, terms = distill.batch_loss(reference, stream.current, AnchorCache(m.layout, cpu), cfg, cpu,
-                                                   code_table=table)
-            local_loss.backward()
-            records.append({"ddp": grads(m), "local": grads(reference), "local_loss": float(local_loss),
-                            "terms": terms})
-
-        optimizer.register_step_pre_hook(before_step)
-        return optimizer
-
-    loop.build_optimizer = recording_optimizer
-    run = loop.RunSpec(out_dir=Path(out_dir) / "run", cfg=cfg, train_cfg=cfg["student"]["train"], streams=[stream],
-                       loss_fn=loss_fn, evaluate=None, total_steps=STEPS, tag="ddp-test")
-    summary = loop.fit(model, run, cpu, info, resume=False)
+    run = RunSpec(out_dir=Path(out_dir) / "run", resolved=cfg.resolved, train=cfg.student.train, streams=[stream],
+                  loss_fn=loss_fn, evaluate=None, total_steps=STEPS, tag="ddp-test")
+    summary = fit(model, run, cpu, info, resume=False, hooks=Hooks(before_update=before_update))
     torch.save({"records": records, "steps": summary["steps"],
                 "final": {n: p.detach().clone() for n, p in model.named_parameters()}},
                Path(out_dir) / f"rank{info.rank}.pt")
@@ -145,8 +134,8 @@ def run_fit(scenario: str, toy_root: str, out_dir: str) -> None:
 
 def run_agree(kind: str) -> None:
     from sadpipe.data.images import ImageReadError
-    from sadpipe.distributed import fail_together
-    from sadpipe.training import init_distributed
+    from sadpipe.engine.distributed import fail_together
+    from sadpipe.engine.distributed import init_distributed
 
     info = init_distributed(torch.device("cpu"))
     try:

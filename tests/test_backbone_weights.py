@@ -11,14 +11,14 @@ from conftest import REPO, tiny_overrides
 from torchvision.models import resnet18, resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
-from sadpipe.backbone_weights import (BackboneWeightsError, _calibration_batch, has_identity_bn_statistics,
+from sadpipe.backbone_weights import (BackboneWeightsError, calibration_batch, has_identity_bn_statistics,
                                       make_standin_backbone_weights)
 from sadpipe.cli import main
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.coco_like import make_coco_like_dataset
 from sadpipe.data.dataset import labeled_source
 from sadpipe.models import load_detector, save_checkpoint
-from sadpipe.train import build_model_for
+from sadpipe.tasks.supervised import build_model_for
 
 SMALL_CALIBRATION = dict(batches=2, batch_size=4, image_size=96)
 
@@ -41,13 +41,13 @@ def _stage_std(model, x) -> dict[str, float]:
     return out
 
 
-def test_standin_bn_statistics_are_the_calibration_batches_statistics():
+def test_standin_bn_statistics_are_thecalibration_batches_statistics():
     state = make_standin_backbone_weights("resnet18", seed=3, **SMALL_CALIBRATION)
     # second implementation of the stem BatchNorm's statistics: conv1 on the same images, per-batch
     # mean and unbiased variance over (N, H, W), averaged over the batches (momentum None)
     means, variances = [], []
     for index in range(SMALL_CALIBRATION["batches"]):
-        x = _calibration_batch(3, index, SMALL_CALIBRATION["batch_size"], SMALL_CALIBRATION["image_size"])
+        x = calibration_batch(3, index, SMALL_CALIBRATION["batch_size"], SMALL_CALIBRATION["image_size"])
         y = torch.nn.functional.conv2d(x, state["conv1.weight"], stride=2, padding=3)
         means.append(y.mean(dim=(0, 2, 3)))
         variances.append(y.var(dim=(0, 2, 3), unbiased=True))
@@ -81,7 +81,7 @@ def test_standin_keeps_a_frozen_bn_bottleneck_resnet_at_unit_scale():
     torch.manual_seed(0)
     identity = _frozen_resnet(resnet50, resnet50(weights=None).state_dict())
     standin = _frozen_resnet(resnet50, make_standin_backbone_weights("resnet50", **SMALL_CALIBRATION))
-    x = torch.nn.functional.interpolate(_calibration_batch(7, 0, 2, 96), size=(160, 192))
+    x = torch.nn.functional.interpolate(calibration_batch(7, 0, 2, 96), size=(160, 192))
     fresh, ours = _stage_std(identity, x), _stage_std(standin, x)
     # measured: fresh 0.22 / 0.95 / 6.3 / 11.3, stand-in ~0.5 at every stage
     assert fresh["layer4"] > 10 * fresh["layer1"]
@@ -100,7 +100,7 @@ def coco_like_root(tmp_path_factory):
 
 def _coco_cfg(root, *extra):
     """coco_sad_r50.toml with a ResNet-18 student and teacher (cheap to build), frozen BN as shipped."""
-    return load_config(REPO / "pipelines" / "coco_sad_r50.toml",
+    return load_settings(REPO / "pipelines" / "coco_sad_r50.toml",
                        [f"data.root={json.dumps(str(root))}", 'student.model.arch="resnet18"',
                         'teacher.model.arch="resnet18"', "student.model.fpn_channels=32",
                         "teacher.model.fpn_channels=32", *extra])
@@ -110,7 +110,7 @@ def test_frozen_bn_without_weights_is_refused_with_the_fix(coco_like_root):
     for role in ("student", "teacher"):
         cfg = _coco_cfg(coco_like_root)
         with pytest.raises(BackboneWeightsError) as info:
-            build_model_for(cfg, role, labeled_source(cfg, "train").categories)
+            build_model_for(cfg, role, labeled_source(cfg.data, "train").categories)
         message = str(info.value)
         assert f"{role}.model: arch resnet18" in message and "no backbone_weights" in message
         assert f"--set {role}.model.backbone_weights=/path/resnet18.pth" in message
@@ -123,7 +123,7 @@ def test_weights_with_identity_bn_statistics_are_refused(coco_like_root, tmp_pat
     torch.save(resnet18(weights=None).state_dict(), fresh)  # what torchvision's resnet18() gives without weights
     cfg = _coco_cfg(coco_like_root, f"student.model.backbone_weights={json.dumps(str(fresh))}")
     with pytest.raises(BackboneWeightsError) as info:
-        build_model_for(cfg, "student", labeled_source(cfg, "train").categories)
+        build_model_for(cfg, "student", labeled_source(cfg.data, "train").categories)
     message = str(info.value)
     assert "fresh_resnet18.pth" in message and "running mean 0 and variance 1" in message
     assert "not ImageNet weights" in message and "--set student.model.allow_random_backbone=true" in message
@@ -142,7 +142,7 @@ def test_what_is_not_refused(coco_like_root, tmp_path, tiny_cfg):
     model = build_model_for(cfg, "student", categories)
     assert torch.equal(model.backbone.body.bn1.running_var, torch.load(standin)["bn1.running_var"])
     # trainable BatchNorm (toy pipeline: the teacher is a ResNet-18 with bn, the student tiny)
-    toy = load_config(REPO / "pipelines" / "toy.toml", tiny_overrides(tiny_cfg["data"]["root"]) +
+    toy = load_settings(REPO / "pipelines" / "toy.toml", tiny_overrides(tiny_cfg.data.root) +
                       ['teacher.model.arch="resnet18"'])
     assert toy["teacher"]["model"]["backbone_norm"] == "bn" and not toy["teacher"]["model"]["backbone_weights"]
     for role in ("teacher", "student"):

@@ -1,4 +1,4 @@
-"""Chen et al.'s teacher-bounded regression loss inside a student's batch (sadpipe.distill).
+"""Chen et al.'s teacher-bounded regression loss inside a student's batch (sadpipe.tasks.distill).
 
 The per-box formula itself is tested in test_losses.py; here the term of a batch is checked
 against an independent computation: torchvision's Matcher and BoxCoder for the GT deltas, the
@@ -16,14 +16,14 @@ from conftest import REPO, tiny_overrides
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import box_iou
 
-import sadpipe.distill as distill
-from sadpipe.config import load_config
+import sadpipe.tasks.distill as distill
+from sadpipe.settings import load_settings
 from sadpipe.data.dataset import labeled_source
-from sadpipe.dump import dump_teacher
+from sadpipe.tasks.dump import dump_teacher
 from sadpipe.models import save_checkpoint
-from sadpipe.predict import AnchorCache
-from sadpipe.train import build_model_for
-from sadpipe.training import TrainingError
+from sadpipe.engine.device import AnchorCache
+from sadpipe.tasks.supervised import build_model_for
+from sadpipe.errors import TrainingError
 
 TOY = REPO / "pipelines" / "toy.toml"
 STUDENT = ["student.model.tiny_widths=[8,16,32,64]", "student.model.fpn_channels=16"]
@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 
 
 def _cfg(root, *extra):
-    return load_config(TOY, tiny_overrides(root) + STUDENT + list(extra))
+    return load_settings(TOY, tiny_overrides(root) + STUDENT + list(extra))
 
 
 def _batch(layout, g) -> dict:
@@ -71,9 +71,10 @@ def _expected_bounded(student, batch, margin: float) -> float:
 def test_bounded_regression_term_equals_a_hand_computation(toy_root, margin):
     cfg = _cfg(toy_root, "geometry.max_size=256", 'distill.method="none"', "distill.bounded_regression_weight=0.5",
                f"distill.bounded_regression_margin={margin}")
-    student = build_model_for(cfg, "student", labeled_source(cfg, "train").categories).eval()
+    student = build_model_for(cfg, "student", labeled_source(cfg.data, "train").categories).eval()
     batch = _batch(student.layout, torch.Generator().manual_seed(3))
-    loss, terms = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg, CPU)
+    out = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg.distill, cfg.student.train, CPU)
+    loss, terms = out.total, out.terms
     expected = _expected_bounded(student, batch, margin)
     assert terms["bounded"] == pytest.approx(expected, rel=1e-5)
     # every sample is labeled: loss = cls + box + nu x bounded (nu = 0.5)
@@ -87,7 +88,7 @@ def stores(toy_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("chen")
     cfg = _cfg(toy_root)
     torch.manual_seed(0)
-    teacher = build_model_for(cfg, "teacher", labeled_source(cfg, "train").categories)
+    teacher = build_model_for(cfg, "teacher", labeled_source(cfg.data, "train").categories)
     path = save_checkpoint(base / "teacher.pt", teacher)
     out = {}
     for name, box in (("with_box", True), ("without_box", False)):
@@ -115,7 +116,7 @@ def test_a_student_trains_with_the_bounded_term_from_the_cache(toy_root, stores,
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for r in records:
         assert r["bounded"] >= 0 and math.isfinite(r["bounded"])
-        w = cfg["distill"]["loss_weight"]
+        w = cfg.distill.loss_weight
         assert r["loss"] == pytest.approx(r["cls"] + r["box"] + w * r["distill"] + 0.5 * r["bounded"], rel=1e-5)
 
 

@@ -231,10 +231,10 @@ def test_every_user_error_shares_one_base_the_cli_catches():
     from sadpipe.data.coco import CocoFormatError
     from sadpipe.data.dataset import DataConfigError
     from sadpipe.data.images import ImageReadError
-    from sadpipe.dump import DumpError
+    from sadpipe.tasks.dump import DumpError
     from sadpipe.errors import MissingInputError, UserError
     from sadpipe.models import CheckpointError
-    from sadpipe.training import TrainingError
+    from sadpipe.errors import TrainingError
 
     for cls in (ConfigError, CocoFormatError, DataConfigError, ImageReadError, CheckpointError, TrainingError,
                 CacheStoreError, CacheMismatchError, DumpError, MissingInputError):

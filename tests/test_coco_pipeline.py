@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from contextlib import contextmanager
 
 import pytest
 from click.testing import CliRunner
@@ -33,6 +35,27 @@ def _anchors(height: int, width: int) -> int:
     return sum((ph // s) * (pw // s) * 9 for s in (8, 16, 32, 64, 128))
 
 
+_OPENED: list | None = None  # while a files_opened() block runs: (path, mode) of each file opened
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None:
+        _OPENED.append((args[0], args[1]))
+
+
+sys.addaudithook(_record_open)  # audit hooks cannot be removed; it records only inside files_opened()
+
+
+@contextmanager
+def files_opened():
+    global _OPENED
+    _OPENED = []
+    try:
+        yield _OPENED
+    finally:
+        _OPENED = None
+
+
 def _invoke(args: list[str]):
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -40,7 +63,7 @@ def _invoke(args: list[str]):
 
 
 @pytest.mark.slow
-def test_coco_pipelines_teacher_dump_student_evaluate(tmp_path, monkeypatch):
+def test_coco_pipelines_teacher_dump_student_evaluate(tmp_path):
     root = tmp_path / "coco"
     make_coco_like_dataset(root, n_train=2, n_val=1, n_unlabeled=2, workers=1)
     r101 = save_standin_backbone_weights("resnet101", tmp_path / "resnet101.pth", batches=1)
@@ -75,15 +98,14 @@ def test_coco_pipelines_teacher_dump_student_evaluate(tmp_path, monkeypatch):
             assert tuple(logits.shape) == (107_415, 80) and bool(logits.isfinite().all())
 
     # 3. the ResNet-50 student from the cache (SAD with pseudo-labels); the teacher is never loaded
-    def no_teacher(*args, **kwargs):
-        raise AssertionError("train-student loaded a checkpoint: the teacher must come from the cache only")
-    for module in ("sadpipe.models", "sadpipe.distill"):
-        monkeypatch.setattr(f"{module}.load_detector", no_teacher, raising=False)
     student_dir = tmp_path / "r50_sad"
-    result = _invoke(["train-student", "--config", STUDENT_TOML, *data, "--cache", str(cache), "--set",
-                      f"student.model.backbone_weights={json.dumps(str(r50))}", "--max-steps", "2",
-                      "--device", "cpu", "--out", str(student_dir)])
-    monkeypatch.undo()
+    with files_opened() as opened:  # Python's audit events: every file the process opens
+        result = _invoke(["train-student", "--config", STUDENT_TOML, *data, "--cache", str(cache), "--set",
+                          f"student.model.backbone_weights={json.dumps(str(r50))}", "--max-steps", "2",
+                          "--device", "cpu", "--out", str(student_dir)])
+    read_checkpoints = [p for p, mode in opened if str(p).endswith(".pt") and "r" in str(mode)]
+    assert not read_checkpoints, f"train-student read a checkpoint: the teacher must come from the cache only"
+    assert any(str(p).startswith(str(cache)) for p, _ in opened)  # the spy works: it saw the cache's reads
     assert "student sad (resnet50)" in result.stdout
     assert (student_dir / "final.pt").is_file()
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from sadpipe.config import DEFAULTS, ConfigError, apply_override, data_path, load_config, save_resolved
+from sadpipe.config import DEFAULTS, ConfigError, apply_override, load_config, save_resolved, shipped_pipelines
+from sadpipe.errors import UserError
+from sadpipe.settings import DataConfig, load_settings, settings_from_dict
 
 TOY = REPO / "pipelines" / "toy.toml"
 
@@ -112,17 +114,64 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_data_path_resolution(tmp_path):
-    cfg = copy.deepcopy(DEFAULTS)
-    assert data_path(cfg, "train_images") is None                       # unset
-    cfg["data"].update(root="/data/coco", train_images="train2017", val_images="/elsewhere/val",
-                       train_annotations="~/ann.json")
-    assert data_path(cfg, "train_images") == Path("/data/coco/train2017")
-    assert data_path(cfg, "val_images") == Path("/elsewhere/val")        # absolute: root ignored
-    assert data_path(cfg, "train_annotations") == Path.home() / "ann.json"
-    cfg["data"]["root"] = ""
-    assert data_path(cfg, "train_images") == Path("train2017")           # no root: relative to the cwd
-    toy = load_config(TOY, ["data.root=/d"])
-    assert data_path(toy, "unlabeled_annotations") == Path("/d/unlabeled/image_info.json")
+    def data(**values):
+        return DataConfig(**dict(DEFAULTS["data"], **values))
+
+    assert data().path("train_images") is None                                    # unset
+    coco = data(root="/data/coco", train_images="train2017", val_images="/elsewhere/val", train_annotations="~/ann.json")
+    assert coco.path("train_images") == Path("/data/coco/train2017")
+    assert coco.path("val_images") == Path("/elsewhere/val")                        # absolute: root ignored
+    assert coco.path("train_annotations") == Path.home() / "ann.json"
+    assert data(train_images="train2017").path("train_images") == Path("train2017")  # no root: relative to the cwd
+    toy = load_settings(TOY, ["data.root=/d"])
+    assert toy.data.path("unlabeled_annotations") == Path("/d/unlabeled/image_info.json")
+    # the cache records images relative to the root; a path outside it stays whole
+    assert coco.key_of("/data/coco/train2017/1.jpg") == "train2017/1.jpg"
+    assert coco.key_of("/other/1.jpg") == "/other/1.jpg"
+
+
+@pytest.mark.parametrize("override,key", [
+    ('distill.method="ADL"', "distill.method"),
+    ('distill.normalizer="fg"', "distill.normalizer"),
+    ('distill.variant="mmdet"', "distill.variant"),
+    ('distill.unlabeled_mix="mixed"', "distill.unlabeled_mix"),
+    ('student.train.optimizer="adam"', "student.train.optimizer"),
+    ('teacher.train.box_loss="l2"', "teacher.train.box_loss"),
+    ('student.model.arch="resnet152"', "student.model.arch"),
+    ('teacher.model.backbone_norm="gn"', "teacher.model.backbone_norm"),
+    ('student.model.head_norm="batch"', "student.model.head_norm"),
+    ("teacher.train.lr=0", "teacher.train.lr"),
+    ("student.train.lr=-0.1", "student.train.lr"),
+    ("student.train.batch_size=0", "student.train.batch_size"),
+    ("teacher.train.momentum=1.5", "teacher.train.momentum"),
+    ("student.train.lr_milestones=[0.5, 2.0]", "student.train.lr_milestones"),
+    ("distill.temperature=0", "distill.temperature"),
+    ("distill.pseudo_score_thresh=1.5", "distill.pseudo_score_thresh"),
+    ("distill.hard_weight=-1", "distill.hard_weight"),
+    ("distill.shard_window=-1", "distill.shard_window"),
+    ('dump.views=["orig", "vflip"]', "dump.views"),
+    ("dump.images_per_shard=0", "dump.images_per_shard"),
+    ("detect.nms_thresh=2", "detect.nms_thresh"),
+    ("data.tune_holdout=1.0", "data.tune_holdout"),
+    ("student.model.tiny_widths=[8, 16]", "student.model.tiny_widths"),
+])
+def test_a_value_outside_what_sadpipe_accepts_is_a_one_line_config_error_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_settings(TOY, [override])
+    message = str(info.value)
+    assert message.startswith(f"{key} must be ") and "\n" not in message, message
+    assert isinstance(info.value, UserError)
+
+
+def test_the_shipped_pipelines_build_settings_that_mirror_the_dict():
+    for name in shipped_pipelines():
+        cfg = load_config(name)
+        settings = settings_from_dict(cfg)
+        assert settings.resolved is cfg
+        assert settings.student.train.lr == cfg["student"]["train"]["lr"]
+        assert settings.distill.method == cfg["distill"]["method"]
+        assert list(settings.dump.views) == cfg["dump"]["views"]
+        assert settings.geometry.preprocess.min_size == cfg["geometry"]["min_size"]
 
 
 def test_apply_override_returns_a_new_dict():

@@ -1,4 +1,4 @@
-"""Student distillation from the teacher cache (sadpipe.distill).
+"""Student distillation from the teacher cache (sadpipe.tasks.distill).
 
 A tiny teacher (fpn 32, widths 16..128) is dumped once per module into two stores on the toy
 data: one with the orig and hflip views, one with orig only. The student is a smaller tiny
@@ -20,19 +20,21 @@ from conftest import REPO, tiny_overrides
 from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou
 
-import sadpipe.distill as distill
-import sadpipe.models as models
+import sadpipe.tasks.distill as distill
 from sadpipe.cache import targets
 from sadpipe.cache.codec import default_codec
 from sadpipe.cache.format import CacheMismatchError
 from sadpipe.cache.reader import TeacherCache
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.dataset import DetectionDataset, collate, labeled_source
-from sadpipe.dump import dump_teacher
+from sadpipe.tasks.dump import dump_teacher
 from sadpipe.models import load_detector, save_checkpoint
-from sadpipe.predict import AnchorCache
-from sadpipe.train import build_model_for
-from sadpipe.training import TrainingError
+from sadpipe.engine.device import AnchorCache
+from sadpipe.tasks.supervised import build_model_for
+from sadpipe.config import ConfigError
+from sadpipe.engine.loop import Hooks
+from sadpipe.errors import TrainingError
+from sadpipe.models import Detector
 
 TOY = REPO / "pipelines" / "toy.toml"
 STUDENT = ["student.model.tiny_widths=[8,16,32,64]", "student.model.fpn_channels=16"]
@@ -40,8 +42,20 @@ CPU = torch.device("cpu")
 UNLABELED_FIRST_ID = 200_001  # sadpipe.data.toy: unlabeled ids start here
 
 
+class SpyCache(TeacherCache):
+    """A TeacherCache that records each compact record read, (image id, view), into ``gets``."""
+
+    def __init__(self, path, gets: list):
+        super().__init__(path)
+        self.gets = gets
+
+    def get_compact(self, image_id, view="orig"):
+        self.gets.append((int(image_id), view))
+        return super().get_compact(image_id, view)
+
+
 def _cfg(root, *extra):
-    return load_config(TOY, tiny_overrides(root) + STUDENT + list(extra))
+    return load_settings(TOY, tiny_overrides(root) + STUDENT + list(extra))
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -58,7 +72,7 @@ def world(toy_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("distill")
     cfg = _cfg(toy_root)
     torch.manual_seed(0)
-    teacher = build_model_for(cfg, "teacher", labeled_source(cfg, "train").categories)
+    teacher = build_model_for(cfg, "teacher", labeled_source(cfg.data, "train").categories)
     with torch.no_grad():  # spread the logits over many codec bins, with detections above 0.5
         teacher.head.classification_head.cls_logits.weight.normal_(0.0, 0.1)
         teacher.head.classification_head.cls_logits.bias.fill_(-3.5)
@@ -142,10 +156,10 @@ def _expected_distill(student, batch, dcfg, method):
             matched = matcher(box_iou(batch["boxes"][i], canvas_anchors))
             keep = matched[idx] != Matcher.BETWEEN_THRESHOLDS
             ignored_seen += int((~keep).sum())
-        per_entry = _adl_by_hand(cls[i, idx], t, method=method, beta=dcfg["beta"], gamma=dcfg["gamma"],
-                                 variant=dcfg["variant"], temperature=dcfg["temperature"])
+        per_entry = _adl_by_hand(cls[i, idx], t, method=method, beta=dcfg.beta, gamma=dcfg.gamma,
+                                 variant=dcfg.variant, temperature=dcfg.temperature)
         total += float(per_entry[keep].sum())
-        norm += float((torch.sigmoid(t.double()[keep]) ** dcfg["normalizer_power"]).sum())
+        norm += float((torch.sigmoid(t.double()[keep]) ** dcfg.normalizer_power).sum())
     return total / max(1.0, norm), max(1.0, norm), ignored_seen
 
 
@@ -155,12 +169,13 @@ def _expected_distill(student, batch, dcfg, method):
 ])
 def test_batch_distillation_term_equals_a_hand_computation(toy_root, method, extra):
     cfg = _cfg(toy_root, "geometry.max_size=256", f'distill.method="{method}"', *extra)
-    student = build_model_for(cfg, "student", labeled_source(cfg, "train").categories).eval()  # eval: fixed BN
+    student = build_model_for(cfg, "student", labeled_source(cfg.data, "train").categories).eval()  # eval: fixed BN
     batch = _hand_batch(student.layout, student.num_classes)
-    loss, terms = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg, CPU,
-                                     code_table=targets.code_table(default_codec()))
+    out = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg.distill, cfg.student.train, CPU,
+                             code_table=targets.code_table(default_codec()))
+    loss, terms = out.total, out.terms
 
-    expected, norm, ignored = _expected_distill(student, batch, cfg["distill"], method)
+    expected, norm, ignored = _expected_distill(student, batch, cfg.distill, method)
     assert ignored > 0, "the labeled image should have anchors the matcher ignores"
     assert terms["distill"] == pytest.approx(expected, rel=1e-5)
     assert terms["normalizer"] == pytest.approx(norm, rel=1e-5)
@@ -171,15 +186,14 @@ def test_batch_distillation_term_equals_a_hand_computation(toy_root, method, ext
         assert terms["loss"] == pytest.approx((mu * terms["cls"] + terms["box"]) * 2 / 3 + (1 - mu) * expected,
                                               rel=1e-5)
     else:
-        w = cfg["distill"]["loss_weight"]
+        w = cfg.distill.loss_weight
         assert terms["loss"] == pytest.approx((terms["cls"] + terms["box"]) * 2 / 3 + w * expected, rel=1e-5)
     assert float(loss.detach()) == pytest.approx(terms["loss"], rel=1e-6)
 
 
-def test_flipped_sample_without_a_stored_hflip_view_gets_no_distillation(world, monkeypatch):
+def test_flipped_sample_without_a_stored_hflip_view_gets_no_distillation(world):
     cfg = _cfg(world["root"], 'distill.method="adl"')
-    cache = TeacherCache(world["orig"])
-    src = labeled_source(cfg, "train")
+    src = labeled_source(cfg.data, "train")
     student = build_model_for(cfg, "student", src.categories).eval()
     ids = [r.image_id for r in src.images][:8]
     base = DetectionDataset(src, student.preprocess, image_ids=ids, hflip=True, seed=0)
@@ -187,13 +201,7 @@ def test_flipped_sample_without_a_stored_hflip_view_gets_no_distillation(world, 
     assert 0 < views.count("hflip") < len(ids), views  # the seeded flips mix both views here
 
     gets = []
-    real_get = TeacherCache.get_compact
-
-    def spy_get(self, image_id, view="orig"):
-        gets.append((int(image_id), view))
-        return real_get(self, image_id, view)
-
-    monkeypatch.setattr(TeacherCache, "get_compact", spy_get)
+    cache = SpyCache(world["orig"], gets)
     dataset = distill.WithTeacher(base, cache, None)
     batch = collate([dataset[k] for k in range(len(ids))])
     assert sorted(gets) == sorted((i, "orig") for i, v in zip(ids, views) if v == "orig")
@@ -206,9 +214,9 @@ def test_flipped_sample_without_a_stored_hflip_view_gets_no_distillation(world, 
             dense = cache.codec.decode(cache.get_codes(i, "orig")).float()
             assert torch.equal(targets.decode(t, cache.code_table), dense)
             batch["teacher_dense"].append(dense)
-    _, terms = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg, CPU,
-                                  code_table=cache.code_table)
-    expected, _, _ = _expected_distill(student, batch, cfg["distill"], "adl")
+    terms = distill.batch_loss(student, batch, AnchorCache(student.layout, CPU), cfg.distill, cfg.student.train, CPU,
+                               code_table=cache.code_table).terms
+    expected, _, _ = _expected_distill(student, batch, cfg.distill, "adl")
     assert terms["distill"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -217,14 +225,16 @@ def test_cache_targets_agree_with_the_live_teacher(world):
     # term up to the codec's quantisation (the default codec's loss error is about 1 % on the toy
     # teacher: docs/codec.md, section "Results")
     cfg = _cfg(world["root"], 'distill.method="adl"', "student.train.hflip=false")
-    src = labeled_source(cfg, "train")
+    src = labeled_source(cfg.data, "train")
     student = build_model_for(cfg, "student", src.categories).eval()
     dataset = distill.WithTeacher(DetectionDataset(src, student.preprocess, image_ids=[r.image_id for r in src.images][:6]),
                                   TeacherCache(world["both"]), None)
     batch = collate([dataset[k] for k in range(len(dataset))])
     anchors = AnchorCache(student.layout, CPU)
-    _, cached = distill.batch_loss(student, batch, anchors, cfg, CPU, code_table=dataset.cache.code_table)
-    _, live = distill.batch_loss(student, batch, anchors, cfg, CPU, teacher=load_detector(world["teacher"]).eval())
+    cached = distill.batch_loss(student, batch, anchors, cfg.distill, cfg.student.train, CPU,
+                                code_table=dataset.cache.code_table).terms
+    live = distill.batch_loss(student, batch, anchors, cfg.distill, cfg.student.train, CPU,
+                              teacher=load_detector(world["teacher"]).eval()).terms
     assert live["distill"] == pytest.approx(cached["distill"], rel=2e-2)
     assert live["distill"] != cached["distill"]  # really two different target sources
 
@@ -233,33 +243,25 @@ def test_cache_targets_agree_with_the_live_teacher(world):
 # train_student: what it builds and reads, every method
 
 
-def test_training_reads_the_cache_and_never_builds_the_teacher(world, tmp_path, monkeypatch):
-    built = []
-    real_init = models.Detector.__init__
+def test_training_reads_the_cache_and_never_builds_the_teacher(world, tmp_path):
+    # every Detector constructed in the run, whoever builds it: torch calls this hook when a module
+    # registers a submodule, as Detector.__init__ does with its backbone and head
+    detectors = {}
 
-    def spy_init(self, spec):
-        built.append(dict(spec))
-        real_init(self, spec)
+    def record(module, name, submodule):
+        if isinstance(module, Detector):
+            detectors[id(module)] = module
 
-    gets = []
-    real_get = TeacherCache.get_compact
-
-    def spy_get(self, image_id, view="orig"):
-        gets.append((int(image_id), view))
-        return real_get(self, image_id, view)
-
-    seen = []
-    real_loss = distill.batch_loss
-
-    def spy_loss(student, batch, *args, **kwargs):
-        seen.extend(zip(batch["image_id"], batch["view"]))
-        return real_loss(student, batch, *args, **kwargs)
-
-    monkeypatch.setattr(models.Detector, "__init__", spy_init)
-    monkeypatch.setattr(TeacherCache, "get_compact", spy_get)
-    monkeypatch.setattr(distill, "batch_loss", spy_loss)
-    cfg = _cfg(world["root"], 'distill.method="sad"')
-    distill.train_student(cfg, world["both"], tmp_path / "run", device="cpu", max_steps=2, evaluate=False)
+    handle = torch.nn.modules.module.register_module_module_registration_hook(record)
+    gets, seen = [], []
+    try:
+        cfg = _cfg(world["root"], 'distill.method="sad"')
+        distill.train_student(cfg, SpyCache(world["both"], gets), tmp_path / "run", device="cpu", max_steps=2,
+                              evaluate=False, hooks=Hooks(on_batch=lambda step, batch: seen.extend(
+                                  zip(batch["image_id"], batch["view"]))))
+    finally:
+        handle.remove()
+    built = [d.spec for d in detectors.values()]
 
     teacher_spec = torch.load(world["teacher"], weights_only=False)["spec"]
     assert len(built) == 1, [(s["arch"], s["fpn_channels"]) for s in built]
@@ -291,31 +293,23 @@ def test_every_method_trains_and_logs_its_terms(world, tmp_path, method):
     if method == "weighted_ce":  # mu x cls + box + (1 - mu) x soft, mu = 0.5 by default
         assert first["loss"] == pytest.approx(0.5 * first["cls"] + first["box"] + 0.5 * first["distill"], rel=1e-5)
     else:
-        w = cfg["distill"]["loss_weight"]
+        w = cfg.distill.loss_weight
         assert first["loss"] == pytest.approx(first["cls"] + first["box"] + w * first.get("distill", 0.0), rel=1e-5)
 
 
-def test_data_distillation_pseudo_labels_are_the_stored_detections_above_the_threshold(world, tmp_path, monkeypatch):
+def test_data_distillation_pseudo_labels_are_the_stored_detections_above_the_threshold(world, tmp_path):
     thresh = 0.6  # the test teacher's stored scores span ~0.4-0.99: some kept, some dropped
     captured = []
-    real_det = distill.detection_loss
-    real_loss = distill.batch_loss
 
-    def spy_loss(student, batch, *args, **kwargs):
-        captured.append({"batch": batch})
-        return real_loss(student, batch, *args, **kwargs)
+    def on_step(record, batch, loss, model):  # loss.hard_targets: what the detection loss was given
+        captured.append({"batch": batch, "targets": loss.hard_targets})
 
-    def spy_det(cls, bbox, anchors, targets, **kwargs):
-        captured[-1]["targets"] = targets
-        return real_det(cls, bbox, anchors, targets, **kwargs)
-
-    monkeypatch.setattr(distill, "batch_loss", spy_loss)
-    monkeypatch.setattr(distill, "detection_loss", spy_det)
     cfg = _cfg(world["root"], 'distill.method="data_distillation"', f"distill.pseudo_score_thresh={thresh}")
-    distill.train_student(cfg, world["both"], tmp_path / "run", device="cpu", max_steps=2, evaluate=False)
+    distill.train_student(cfg, world["both"], tmp_path / "run", device="cpu", max_steps=2, evaluate=False,
+                          hooks=Hooks(on_step=on_step))
 
     cache = TeacherCache(world["both"])
-    src = labeled_source(cfg, "train")
+    src = labeled_source(cfg.data, "train")
     unlabeled_checked, kept, dropped = 0, 0, 0
     for step in captured:
         batch, targets = step["batch"], step["targets"]
@@ -362,9 +356,8 @@ def test_a_distilling_method_without_a_cache_is_a_clear_error(world, tmp_path):
     with pytest.raises(TrainingError, match=r"needs a teacher cache: pass --cache"):
         distill.train_student(_cfg(world["root"], 'distill.method="sad"'), None, tmp_path / "run", device="cpu",
                               max_steps=1, evaluate=False)
-    with pytest.raises(TrainingError, match="distill.method must be one of"):
-        distill.train_student(_cfg(world["root"], 'distill.method="ADL"'), world["both"], tmp_path / "run",
-                              device="cpu", max_steps=1, evaluate=False)
+    with pytest.raises(ConfigError, match="distill.method must be one of"):
+        _cfg(world["root"], 'distill.method="ADL"')  # the settings refuse it before any run starts
 
 
 def test_resume_without_state_is_a_clear_error(world, tmp_path):
@@ -392,7 +385,7 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_is_bit_exact_across_both_streams(world, tmp_path, monkeypatch):
+def test_resume_is_bit_exact_across_both_streams(world, tmp_path):
     """18 steps straight vs. 15 (state saved at 14), a crash, then resume: identical weights and logs.
 
     SAD alternates a labeled stream (48 images / 8 = 6 batches per epoch) and a mixed stream
@@ -407,19 +400,13 @@ def test_resume_is_bit_exact_across_both_streams(world, tmp_path, monkeypatch):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     distill.train_student(_cfg(world["root"], *extra), world["both"], straight, device="cpu", evaluate=False)
 
-    real_loss = distill.batch_loss
-    calls = {"n": 0}
-
-    def crash_in_step_15(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 15:
+    def crash_in_step_15(done, batch):
+        if done == 14:  # 14 steps done: the 15th batch is there, its loss not computed
             raise _Interrupt
-        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(distill, "batch_loss", crash_in_step_15)
     with pytest.raises(_Interrupt):
-        distill.train_student(_cfg(world["root"], *extra), world["both"], crashed, device="cpu", evaluate=False)
-    monkeypatch.setattr(distill, "batch_loss", real_loss)
+        distill.train_student(_cfg(world["root"], *extra), world["both"], crashed, device="cpu", evaluate=False,
+                              hooks=Hooks(on_batch=crash_in_step_15))
     assert not (crashed / "final.pt").exists()
     assert torch.load(crashed / "train_state.pt", weights_only=False)["step"] == 14
 
@@ -437,25 +424,20 @@ def test_resume_is_bit_exact_across_both_streams(world, tmp_path, monkeypatch):
 
 
 _DDP_DRIVER = """
-# `python -m sadpipe` with two spies: every rank saves its own student weights and the image ids it trained on
+# train-student under torchrun with two hooks: every rank saves its own student weights and the image ids it trained on
 import sys, torch, torch.distributed as dist
-import sadpipe.distill as distill
-import sadpipe.loop as loop
-from sadpipe.cli import main
+from sadpipe.engine.loop import Hooks
+from sadpipe.settings import load_settings
+from sadpipe.tasks.distill import train_student
+config, cache, out, max_steps = sys.argv[1:5]
+cfg = load_settings(config, sys.argv[5:])
 student, ids = {}, []
-class SpyDDP(loop.DistributedDataParallel):
-    def __init__(self, module, *args, **kwargs):
-        super().__init__(module, *args, **kwargs)
-        student["module"] = module
-real_loss = distill.batch_loss
-def spy_loss(net, batch, *args, **kwargs):
+def on_step(record, batch, loss, model):
     ids.append(list(batch["image_id"]))
-    return real_loss(net, batch, *args, **kwargs)
-loop.DistributedDataParallel, distill.batch_loss = SpyDDP, spy_loss
-main(sys.argv[1:], standalone_mode=False)
+    student["module"] = model
+train_student(cfg, cache, out, device="cpu", max_steps=int(max_steps), hooks=Hooks(on_step=on_step))
 rank = dist.get_rank()
-torch.save({"params": dict(student["module"].named_parameters()), "ids": ids}, sys.argv[sys.argv.index("--out") + 1]
-           + f"/rank{rank}.pt")
+torch.save({"params": dict(student["module"].named_parameters()), "ids": ids}, out + f"/rank{rank}.pt")
 dist.destroy_process_group()
 """
 
@@ -465,10 +447,8 @@ def test_two_process_ddp_run_keeps_the_ranks_identical(world, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(_DDP_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver),
-           "train-student", "--config", str(TOY), "--cache", str(world["both"]), "--out", str(out), "--device", "cpu",
-           "--method", "sad", "--max-steps", "3"]
-    for o in tiny_overrides(world["root"]) + STUDENT + ["student.train.batch_size=4"]:
-        cmd += ["--set", o]
+           str(TOY), str(world["both"]), str(out), "3"]
+    cmd += tiny_overrides(world["root"]) + STUDENT + ["student.train.batch_size=4", 'distill.method="sad"']
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     r0 = torch.load(out / "rank0.pt", weights_only=False)
@@ -483,8 +463,8 @@ def test_two_process_ddp_run_keeps_the_ranks_identical(world, tmp_path):
         assert torch.equal(p, r1["params"][name]), name
         assert torch.equal(p, final[name]), name
     cfg = _cfg(world["root"])
-    torch.manual_seed(cfg["student"]["train"]["seed"])  # the run's initial weights (train_student seeds the same)
-    init = build_model_for(cfg, "student", labeled_source(cfg, "train").categories)
+    torch.manual_seed(cfg.student.train.seed)  # the run's initial weights (train_student seeds the same)
+    init = build_model_for(cfg, "student", labeled_source(cfg.data, "train").categories)
     assert any(not torch.equal(p, r0["params"][n]) for n, p in init.named_parameters())  # it did train
     assert len(_metrics(out)) == 3  # rank 0 alone writes the log
 
@@ -503,7 +483,7 @@ def test_a_cache_of_other_files_with_the_same_ids_is_refused_with_both_paths(wor
     with pytest.raises(TrainingError, match="dumped from other files") as info:
         distill.train_student(cfg, world["both"], tmp_path / "run", device="cpu", max_steps=1, evaluate=False)
     message = str(info.value)
-    first_id = labeled_source(cfg, "train").images[0].image_id
+    first_id = labeled_source(cfg.data, "train").images[0].image_id
     stored = TeacherCache(world["both"]).image_facts(first_id)["path"]
     assert stored.startswith("train/images/")  # relative to the dump's data root
     assert f"image id {first_id}: cache {stored!r} vs this run 'train_copy/images/" in message
@@ -516,9 +496,9 @@ def test_images_missing_from_the_cache_are_counted_labeled_ones_train_on_ground_
     partial = tmp_path / "partial.zarr"
     dump_teacher(cfg, world["teacher"], partial, device="cpu", views=("orig",), limit=40, log=lambda *a: None)
     cache = TeacherCache(partial)
-    src = labeled_source(cfg, "train")
+    src = labeled_source(cfg.data, "train")
     lines = []
-    ids = distill.join_cache(cfg, src.images, cache, "labeled", keep_missing=True, log=lines.append)
+    ids = distill.join_cache(cfg.data, src.images, cache, "labeled", keep_missing=True, log=lines.append)
     all_ids = [r.image_id for r in src.images]
     assert ids == all_ids  # 48 labeled images; the plan's first 40 are in the cache
     assert lines == ["labeled stream: 48 images in the config, 40 with teacher targets, 0 failed in the dump and 8 "
@@ -532,7 +512,7 @@ def test_images_missing_from_the_cache_are_counted_labeled_ones_train_on_ground_
     assert dataset[0]["teacher"] is not None
     # unlabeled images the cache lacks have nothing to learn from: refused when none is there
     with pytest.raises(TrainingError, match="none of the 32 unlabeled images"):
-        distill.join_cache(cfg, distill.unlabeled_source(cfg).images, cache, "unlabeled", keep_missing=False,
+        distill.join_cache(cfg.data, distill.unlabeled_source(cfg.data).images, cache, "unlabeled", keep_missing=False,
                            log=lines.append)
     # the run prints the counts and trains
     distill.train_student(cfg, partial, tmp_path / "run", device="cpu", max_steps=1, evaluate=False)

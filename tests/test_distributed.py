@@ -21,10 +21,10 @@ import pytest
 import torch
 from conftest import REPO, make_spread_teacher, tiny_overrides
 
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.images import ImageReadError
-from sadpipe.distributed import PeerRankError, TouchEveryOutput, _rebuild, _report
-from sadpipe.dump import dump_teacher
+from sadpipe.engine.distributed import PeerRankError, TouchEveryOutput, error_report, rebuild_error
+from sadpipe.tasks.dump import dump_teacher
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 TOY = REPO / "pipelines" / "toy.toml"
@@ -130,8 +130,8 @@ def test_ddp_step_without_box_targets_completes_with_the_average_gradient(toy_ro
 def test_every_rank_gets_the_same_number_of_batches_when_the_images_do_not_divide(length, world):
     # the collectives of a step (DDP's reduction, the epoch-end agreement) pair up only if every
     # rank runs the same steps: each rank takes length // world images, none twice
-    from sadpipe.loop import Stream
-    from sadpipe.training import DistInfo, ResumableSampler
+    from sadpipe.engine.distributed import DistInfo
+    from sadpipe.engine.streams import ResumableSampler, Stream
 
     class Images(torch.utils.data.Dataset):
         def __len__(self):
@@ -220,10 +220,10 @@ def test_a_failure_on_one_rank_reaches_every_rank(tmp_path, kind):
 
 def test_rebuilt_errors_keep_class_message_and_attributes():
     original = ImageReadError("/data/y.png", "not an image", "Remove it.")
-    rebuilt = _rebuild(_report(0, original))
+    rebuilt = rebuild_error(error_report(0, original))
     assert type(rebuilt) is ImageReadError and str(rebuilt) == str(original)
     assert rebuilt.path == original.path and rebuilt.origin_rank == 0
-    bug = _rebuild(_report(1, ZeroDivisionError("division by zero")))
+    bug = rebuild_error(error_report(1, ZeroDivisionError("division by zero")))
     assert isinstance(bug, PeerRankError) and "rank 1 failed with ZeroDivisionError: division by zero" in str(bug)
 
 
@@ -269,7 +269,7 @@ def test_a_failing_final_evaluation_on_rank_0_stops_every_rank(toy_root, tmp_pat
 def small_store(toy_root, tmp_path_factory):
     """A spread tiny teacher and a single-process store of its first 4 plan images."""
     base = tmp_path_factory.mktemp("ddp_dump")
-    cfg = load_config(TOY, tiny_overrides(toy_root))
+    cfg = load_settings(TOY, tiny_overrides(toy_root))
     teacher = make_spread_teacher(cfg, base / "teacher.pt")
     store = base / "store.zarr"
     dump_teacher(cfg, teacher, store, device="cpu", limit=4, log=lambda *a: None)

@@ -26,13 +26,12 @@ from sadpipe.cache.codec import codec_from_dict
 from sadpipe.cache.format import StoreMismatchError
 from sadpipe.cache.store_report import store_info, verify_store
 from sadpipe.cache.reader import FailedImageError, TeacherCache
-from sadpipe.cache.writer import StoreWriter
 from sadpipe.config import load_config
+from sadpipe.settings import load_settings, settings_from_dict
 from sadpipe.data.images import ImageReadError, read_image
-from sadpipe.dump import DumpError, dump_teacher
+from sadpipe.tasks.dump import DumpError, dump_teacher
 from sadpipe.labeling import postprocess
 from sadpipe.models import load_detector
-from sadpipe.transforms import geometry_from_config
 
 # (height, width) of the train images, then of the unlabeled ones; the last unlabeled file is truncated.
 TRAIN_SIZES = [(128, 128), (100, 150), (200, 90), (100, 150), (128, 128), (200, 90)]
@@ -89,7 +88,7 @@ def world(tmp_path_factory):
     """Dataset, config, teacher and one clean single-process dump, shared by the tests below."""
     base = tmp_path_factory.mktemp("dump")
     make_dataset(base / "data")
-    cfg = load_config(REPO / "pipelines" / "toy.toml", overrides(base / "data"))
+    cfg = load_settings(REPO / "pipelines" / "toy.toml", overrides(base / "data"))
     teacher = make_teacher(cfg, base / "teacher.pt")
     store = base / "clean.zarr"
     summary = dump_teacher(cfg, teacher, store, device="cpu", log=lambda *a: None)
@@ -99,7 +98,7 @@ def world(tmp_path_factory):
 @torch.no_grad()
 def direct(teacher, cfg, path: str, flip: bool):
     """The teacher on one image padded alone: (cls [A, K], bbox [A, 4], resized hw, padded hw)."""
-    _, preprocess = geometry_from_config(cfg)
+    preprocess = cfg.geometry.preprocess
     image = read_image(path)
     if flip:
         image = image[:, ::-1].copy()
@@ -120,7 +119,7 @@ def test_records_equal_the_teacher_on_each_image_padded_alone(world):
     teacher = load_detector(world["teacher"]).eval()
     codec = cache.codec
     lo, hi = (torch.from_numpy(b) for b in codec.bin_bounds_q())
-    layout, _ = geometry_from_config(cfg)
+    layout = cfg.geometry.layout
     seen_padded = set()
     for image_id in cache.ok_image_ids():
         i = cache.index_of(image_id)
@@ -146,9 +145,9 @@ def test_records_equal_the_teacher_on_each_image_padded_alone(world):
             assert codes.max() > codes.min() + 5, "the test teacher should fill several bins"
             # detections: labeling.postprocess on the direct outputs, anchors of the image padded alone
             dets = postprocess(cls[None], bbox[None], layout.anchors(padded), [size], layout.anchors_per_level(padded),
-                               score_thresh=cfg["detect"]["score_thresh"], nms_thresh=cfg["detect"]["nms_thresh"],
-                               detections_per_img=cfg["detect"]["detections_per_img"],
-                               topk_candidates=cfg["detect"]["topk_candidates"])[0]
+                               score_thresh=cfg.detect.score_thresh, nms_thresh=cfg.detect.nms_thresh,
+                               detections_per_img=cfg.detect.detections_per_img,
+                               topk_candidates=cfg.detect.topk_candidates)[0]
             assert len(dets["scores"]) > 0
             assert torch.equal(rec.det_labels, dets["labels"])
             torch.testing.assert_close(rec.det_scores, dets["scores"], atol=1e-5, rtol=0)
@@ -216,34 +215,27 @@ def assert_same_records(a: Path, b: Path) -> None:
             assert np.array_equal(np.asarray(x), np.asarray(y)), key
 
 
-def test_resume_after_a_crash_rewrites_only_unfinished_shards(world, tmp_path, monkeypatch):
+def test_resume_after_a_crash_rewrites_only_unfinished_shards(world, tmp_path):
     store = tmp_path / "resumed.zarr"
     written = []
-    original = StoreWriter.write_shard
 
-    def crash_after_two(self, k, results):
+    def crash_after_two(k):  # called once shard k is written: the run stops before shard 2
+        written.append(k)
         if len(written) == 2:
             raise RuntimeError("injected crash")
-        original(self, k, results)
-        written.append(k)
 
-    monkeypatch.setattr(StoreWriter, "write_shard", crash_after_two)
     with pytest.raises(RuntimeError, match="injected crash"):
-        dump_teacher(world["cfg"], world["teacher"], store, device="cpu", log=lambda *a: None)
+        dump_teacher(world["cfg"], world["teacher"], store, device="cpu", log=lambda *a: None,
+                     on_shard_written=crash_after_two)
     assert written == [0, 1]
     status_files = {k: store / f"images/status/c/{k}" for k in (0, 1)}
     mtimes = {k: p.stat().st_mtime_ns for k, p in status_files.items()}
 
     rewritten = []
-
-    def counting(self, k, results):
-        original(self, k, results)
-        rewritten.append(k)
-
-    monkeypatch.setattr(StoreWriter, "write_shard", counting)
     # a run-only setting (workers) may change on resume
-    cfg = load_config(REPO / "pipelines" / "toy.toml", overrides(world["base"] / "data") + ["dump.num_workers=1"])
-    summary = dump_teacher(cfg, world["teacher"], store, device="cpu", log=lambda *a: None)
+    cfg = load_settings(REPO / "pipelines" / "toy.toml", overrides(world["base"] / "data") + ["dump.num_workers=1"])
+    summary = dump_teacher(cfg, world["teacher"], store, device="cpu", log=lambda *a: None,
+                           on_shard_written=rewritten.append)
     assert rewritten == [2]  # 9 images in shards of 4: shard 2 is the only unfinished one
     assert summary["images"] == 1 and summary["fit_seconds"] == 0.0  # the stored codec is reused
     assert {k: p.stat().st_mtime_ns for k, p in status_files.items()} == mtimes
@@ -259,14 +251,14 @@ def test_existing_store_of_another_teacher_or_config_is_refused(world, tmp_path)
     other = make_teacher(cfg, tmp_path / "other_teacher.pt", seed=1)
     with pytest.raises(StoreMismatchError, match="checkpoint_sha256"):
         dump_teacher(cfg, other, store, device="cpu", limit=4, log=lambda *a: None)
-    changed = load_config(REPO / "pipelines" / "toy.toml",
+    changed = load_settings(REPO / "pipelines" / "toy.toml",
                           overrides(world["base"] / "data") + ["detect.score_thresh=0.2"])
     with pytest.raises(StoreMismatchError, match="score_thresh"):
         dump_teacher(changed, world["teacher"], store, device="cpu", limit=4, log=lambda *a: None)
     with pytest.raises(StoreMismatchError, match="plan"):  # another plan (limit) is another store
         dump_teacher(cfg, world["teacher"], store, device="cpu", limit=5, log=lambda *a: None)
     # student settings do not touch the teacher cache: same store, nothing to do
-    student = load_config(REPO / "pipelines" / "toy.toml",
+    student = load_settings(REPO / "pipelines" / "toy.toml",
                           overrides(world["base"] / "data") + ["student.train.lr=0.5"])
     assert dump_teacher(student, world["teacher"], store, device="cpu", limit=4, log=lambda *a: None)["images"] == 0
     summary = dump_teacher(cfg, other, store, device="cpu", limit=4, overwrite=True, log=lambda *a: None)
@@ -277,7 +269,7 @@ def test_existing_store_of_another_teacher_or_config_is_refused(world, tmp_path)
 
 def test_teacher_with_another_layout_or_classes_is_refused(world, tmp_path):
     data = world["base"] / "data"
-    other_anchors = load_config(REPO / "pipelines" / "toy.toml", overrides(data) + ["geometry.anchor_sizes=[32,64,128,256,512]"])
+    other_anchors = load_settings(REPO / "pipelines" / "toy.toml", overrides(data) + ["geometry.anchor_sizes=[32,64,128,256,512]"])
     path = make_teacher(other_anchors, tmp_path / "anchors.pt")
     with pytest.raises(DumpError, match="anchor layout"):
         dump_teacher(world["cfg"], path, tmp_path / "a.zarr", device="cpu", log=lambda *a: None)
@@ -285,7 +277,7 @@ def test_teacher_with_another_layout_or_classes_is_refused(world, tmp_path):
     other_classes = dict(json.loads((data / "train/annotations.json").read_text()))
     other_classes["categories"] = CATEGORIES + [{"id": 9, "name": "d"}]
     (tmp_path / "ann.json").write_text(json.dumps(other_classes))
-    cfg4 = load_config(REPO / "pipelines" / "toy.toml", overrides(data) + [f"data.train_annotations={json.dumps(str(tmp_path / 'ann.json'))}"])
+    cfg4 = load_settings(REPO / "pipelines" / "toy.toml", overrides(data) + [f"data.train_annotations={json.dumps(str(tmp_path / 'ann.json'))}"])
     path = make_teacher(cfg4, tmp_path / "classes.pt")
     with pytest.raises(DumpError, match="category ids"):
         dump_teacher(world["cfg"], path, tmp_path / "b.zarr", device="cpu", log=lambda *a: None)
@@ -327,24 +319,27 @@ def test_default_codec_is_refitted_on_this_teacher_and_a_given_fit_is_kept(world
     assert abs(stored.decode_q[0] - float((below ** 1.8).mean() ** (1 / 1.8))) < 0.2 * stored.decode_q[0]
 
     given = shipped.to_dict()
-    cfg = load_config(REPO / "pipelines" / "toy.toml", overrides(world["base"] / "data"))
-    cfg["dump"]["codec"] = given
+    raw = load_config(REPO / "pipelines" / "toy.toml", overrides(world["base"] / "data"))
+    raw["dump"]["codec"] = given
+    cfg = settings_from_dict(raw)
     summary = dump_teacher(cfg, world["teacher"], tmp_path / "given.zarr", device="cpu", limit=4, log=lambda *a: None)
     assert summary["fit_seconds"] == 0.0
     assert TeacherCache(tmp_path / "given.zarr").codec == codec_from_dict(given)
 
 
 _SLOW_DUMP_DRIVER = """
-# `sadpipe dump-teacher` whose shard writes are slowed down, so the test can SIGKILL it mid-dump
-import sys, time
-from sadpipe.cache.writer import StoreWriter
-from sadpipe.cli import main
-original = StoreWriter.write_shard
-def slow(self, k, results):
-    time.sleep(1.0)
-    original(self, k, results)
-StoreWriter.write_shard = slow
-main(sys.argv[1:])
+# the dump-teacher command's arguments, run by dump_teacher with a hook that pauses after each shard
+# is written, so the test can SIGKILL it mid-dump
+import argparse, sys, time
+from sadpipe.settings import load_settings
+from sadpipe.tasks.dump import dump_teacher
+ap = argparse.ArgumentParser()
+for option in ("--config", "--teacher", "--out", "--device"):
+    ap.add_argument(option)
+ap.add_argument("--set", action="append", default=[])
+args = ap.parse_args(sys.argv[2:])
+dump_teacher(load_settings(args.config, args.set), args.teacher, args.out, device=args.device,
+             on_shard_written=lambda k: time.sleep(1.0))
 """
 
 

@@ -19,8 +19,8 @@ from s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures
 from sadpipe.cache.format import IncompleteStoreError
 from sadpipe.cache.store_report import verify_store
 from sadpipe.cache.reader import TeacherCache
-from sadpipe.config import load_config
-from sadpipe.dump import dump_teacher
+from sadpipe.settings import load_settings
+from sadpipe.tasks.dump import dump_teacher
 
 TOY = REPO / "pipelines" / "toy.toml"
 STUDENT = ["student.model.tiny_widths=[8,16,32,64]", "student.model.fpn_channels=16", "student.train.batch_size=4"]
@@ -64,7 +64,7 @@ def _records(store) -> dict:
 @pytest.mark.slow
 def test_dump_killed_and_resumed_on_s3_then_two_students_read_it_at_once(toy_root, new_bucket, tmp_path):
     overrides = tiny_overrides(toy_root) + STUDENT
-    cfg = load_config(TOY, overrides)
+    cfg = load_settings(TOY, overrides)
     teacher = make_spread_teacher(cfg, tmp_path / "teacher.pt")
     url = f"s3://{new_bucket}/caches/toy.zarr"
     env = dict(os.environ, OMP_NUM_THREADS="1")

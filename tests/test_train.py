@@ -9,17 +9,20 @@ import pytest
 import torch
 from conftest import REPO, tiny_overrides
 
-import sadpipe.train as train_module
-from sadpipe.config import load_config
+import sadpipe.tasks.supervised as train_module
+from sadpipe.settings import load_settings
 from sadpipe.evaluate import METRIC_NAMES
 from sadpipe.models import load_detector
-from sadpipe.training import TrainingError, lr_factor, plan_steps
+from sadpipe.engine.loop import Hooks
+from sadpipe.engine.optim import lr_factor
+from sadpipe.engine.streams import steps_per_epoch, total_steps
+from sadpipe.errors import TrainingError
 
 TOY = REPO / "pipelines" / "toy.toml"
 
 
 def _cfg(root, *extra):
-    return load_config(TOY, tiny_overrides(root) + list(extra))
+    return load_settings(TOY, tiny_overrides(root) + list(extra))
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -49,7 +52,7 @@ def test_logged_lr_is_the_lr_the_step_used(toy_root, tmp_path):
     # step s (1-based) runs with factor lr_factor(s - 1): warm-up (s)/warmup, then cosine to the end
     cfg = _cfg(toy_root, "teacher.train.max_steps=5", "teacher.train.warmup_steps=2", "teacher.train.lr=1e-3")
     train_module.train_detector(cfg, tmp_path / "run", device="cpu", evaluate=False)
-    tcfg = cfg["teacher"]["train"]
+    tcfg = cfg.teacher.train
     logged = [r["lr"] for r in _metrics(tmp_path / "run")]
     # by hand: warm-up 1/2, 2/2, then cosine over 3 steps: 0.5 * (1 + cos(pi * k / 3)), k = 0, 1, 2
     by_hand = [0.5, 1.0, 1.0, 0.75, 0.25]
@@ -57,14 +60,22 @@ def test_logged_lr_is_the_lr_the_step_used(toy_root, tmp_path):
     assert logged == pytest.approx([1e-3 * lr_factor(s - 1, 5, tcfg) for s in range(1, 6)])
 
 
-def test_plan_steps_and_schedule_arithmetic():
-    tcfg = {"batch_size": 8, "epochs": 3, "max_steps": 0, "warmup_steps": 4, "optimizer": "sgd", "lr_milestones": [0.5, 0.75]}
-    assert plan_steps(50, tcfg, 1, None) == (6, 18)        # 50 // 8 = 6 full batches, 3 epochs
-    assert plan_steps(50, tcfg, 2, None) == (3, 9)         # 25 per rank -> 3 batches
-    assert plan_steps(50, dict(tcfg, max_steps=7), 1, None) == (6, 7)
-    assert plan_steps(50, dict(tcfg, max_steps=7), 1, 2) == (6, 2)  # CLI --max-steps wins
+def test_plan_steps_and_schedule_arithmetic(toy_root):
+    tcfg = _cfg(toy_root, "teacher.train.warmup_steps=4", 'teacher.train.optimizer="sgd"',
+                "teacher.train.lr_milestones=[0.5, 0.75]").teacher.train
+
+    class Stream:  # what total_steps reads of a stream
+        def __init__(self, per_epoch):
+            self.per_epoch = per_epoch
+
+    assert steps_per_epoch(50, 8, 1) == 6                  # 50 // 8 = 6 full batches
+    assert steps_per_epoch(50, 8, 2) == 3                  # 25 per rank -> 3 batches
+    assert total_steps([Stream(6)], 3, 0) == 18            # 3 epochs
+    assert total_steps([Stream(6), Stream(10)], 3, 0) == 36  # two streams take turns: an epoch is 12 steps
+    assert total_steps([Stream(6)], 3, 7) == 7             # train.max_steps
+    assert total_steps([Stream(6)], 3, 7, 2) == 2          # CLI --max-steps wins
     with pytest.raises(TrainingError, match="fewer than one batch"):
-        plan_steps(7, tcfg, 1, None)
+        steps_per_epoch(7, 8, 1)
     # sgd: warm-up 1/4..4/4, then x0.1 from step 50 (0.5 * 100) and x0.01 from step 75
     assert [lr_factor(s, 100, tcfg) for s in (0, 3, 4, 49, 50, 74, 75, 99)] == pytest.approx(
         [0.25, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
@@ -74,25 +85,22 @@ class _Interrupt(Exception):
     pass
 
 
-def _run_crashing_in_step(step: int, cfg: dict, out, monkeypatch) -> None:
-    """Train into ``out`` and interrupt it inside its ``step``-th loss computation."""
-    real_loss = train_module.supervised_loss
+def _run_crashing_in_step(step: int, cfg, out) -> None:
+    """Train into ``out`` and interrupt it in its ``step``-th step, once the batch is there, before the loss."""
     calls = {"n": 0}
 
-    def crashing(*args, **kwargs):
+    def crashing(done, batch):
         calls["n"] += 1
+        assert done == calls["n"] - 1  # the hook sees every step, in order
         if calls["n"] == step:
             raise _Interrupt
-        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "supervised_loss", crashing)
     with pytest.raises(_Interrupt):
-        train_module.train_detector(cfg, out, device="cpu", evaluate=False)
-    monkeypatch.setattr(train_module, "supervised_loss", real_loss)
+        train_module.train_detector(cfg, out, device="cpu", evaluate=False, hooks=Hooks(on_batch=crashing))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_resume_is_bit_exact(toy_root, tmp_path, monkeypatch, workers):
+def test_resume_is_bit_exact(toy_root, tmp_path, workers):
     """10 steps straight vs. 5 steps (state saved at 4), a crash, then --resume: identical weights, buffers and losses.
 
     6 steps per epoch (48 images / 8): the crash and the state saved at step 4 are mid-epoch,
@@ -105,7 +113,7 @@ def test_resume_is_bit_exact(toy_root, tmp_path, monkeypatch, workers):
     train_module.train_detector(_cfg(toy_root, *extra), straight, device="cpu", evaluate=False)
 
     # steps 1-5 done and logged, state saved at step 4 (checkpoint_every_steps): step 5 is lost
-    _run_crashing_in_step(6, _cfg(toy_root, *extra), crashed, monkeypatch)
+    _run_crashing_in_step(6, _cfg(toy_root, *extra), crashed)
     assert not (crashed / "final.pt").exists()
     assert [r["step"] for r in _metrics(crashed)] == [1, 2, 3, 4, 5]
     assert torch.load(crashed / "train_state.pt", weights_only=False)["step"] == 4
@@ -123,12 +131,12 @@ def test_resume_is_bit_exact(toy_root, tmp_path, monkeypatch, workers):
     assert [(r["loss"], r["lr"], r["epoch"]) for r in ma] == [(r["loss"], r["lr"], r["epoch"]) for r in mb]
 
 
-def test_resume_after_epoch_end_checkpoint(toy_root, tmp_path, monkeypatch):
+def test_resume_after_epoch_end_checkpoint(toy_root, tmp_path):
     # state saved only at the epoch end (step 6); crash in step 7; resume continues with epoch 1
     extra = ("teacher.train.max_steps=8", "teacher.train.checkpoint_every_steps=0")
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_module.train_detector(_cfg(toy_root, *extra), straight, device="cpu", evaluate=False)
-    _run_crashing_in_step(7, _cfg(toy_root, *extra), crashed, monkeypatch)
+    _run_crashing_in_step(7, _cfg(toy_root, *extra), crashed)
     assert (crashed / "checkpoint_epoch1.pt").is_file()
     train_module.train_detector(_cfg(toy_root, *extra), crashed, device="cpu", resume=True, evaluate=False)
     a, b = _final_state(straight), _final_state(crashed)
@@ -171,22 +179,22 @@ def test_final_evaluation_writes_eval_json(toy_root, tmp_path):
 
 def test_resume_with_a_changed_config_is_refused(toy_root, tmp_path):
     """Resuming must not silently continue with other training settings; the run length may change."""
-    from sadpipe.train import train_detector
+    from sadpipe.tasks.supervised import train_detector
     overrides = tiny_overrides(toy_root) + ["teacher.train.max_steps=2"]
-    train_detector(load_config(REPO / "pipelines" / "toy.toml", overrides), tmp_path, device="cpu", evaluate=False)
-    changed = load_config(REPO / "pipelines" / "toy.toml", overrides + ["teacher.train.lr=0.5"])
+    train_detector(load_settings(REPO / "pipelines" / "toy.toml", overrides), tmp_path, device="cpu", evaluate=False)
+    changed = load_settings(REPO / "pipelines" / "toy.toml", overrides + ["teacher.train.lr=0.5"])
     with pytest.raises(TrainingError, match=r"teacher\.train\.lr: 0\.001 \(run\) vs 0\.5 \(now\)"):
         train_detector(changed, tmp_path, device="cpu", resume=True, evaluate=False)
-    longer = load_config(REPO / "pipelines" / "toy.toml", overrides + ["teacher.train.max_steps=3"])
+    longer = load_settings(REPO / "pipelines" / "toy.toml", overrides + ["teacher.train.max_steps=3"])
     assert train_detector(longer, tmp_path, device="cpu", resume=True, evaluate=False)["steps"] == 3
 
 
 def test_periodic_evaluation_and_epoch_checkpoints(toy_root, tmp_path):
     """48 images / batch 8 = 6 steps per epoch; 12 steps with eval every epoch -> one mid-run eval at step 6
     (the last epoch's is the final eval.json) and a checkpoint per epoch."""
-    from sadpipe.train import train_detector
+    from sadpipe.tasks.supervised import train_detector
     overrides = tiny_overrides(toy_root) + ["teacher.train.max_steps=12", "teacher.train.eval_every_epochs=1"]
-    train_detector(load_config(REPO / "pipelines" / "toy.toml", overrides), tmp_path, device="cpu")
+    train_detector(load_settings(REPO / "pipelines" / "toy.toml", overrides), tmp_path, device="cpu")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval" in r]
     assert [r["step"] for r in evals] == [6]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sadpipe.cache.codec import codec_from_dict
+from sadpipe.config import config_differences, short_repr  # noqa: F401  (short_repr: part of this module's API)
 from sadpipe.errors import UserError
 
 # Version 2: compact teacher targets (sparse entries above the background bin, cache/targets.py)
@@ -335,31 +336,15 @@ def to_json_value(value):
     return json.loads(json.dumps(value, default=_json_default))
 
 
-def flatten(value, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"a.b.c": leaf}; lists stay leaves (compared whole)."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        if not value and prefix:
-            out[prefix] = {}
-        return out
-    return {prefix: value}
-
-
-def short_repr(value, limit: int = 80) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def diff_dicts(a: dict, b: dict, a_name: str, b_name: str, skip: tuple[str, ...] = ()) -> list[str]:
-    """Human lines "key: <a> (a_name) vs <b> (b_name)" for every differing leaf."""
-    fa, fb = flatten(to_json_value(a)), flatten(to_json_value(b))
-    lines = []
-    for key in sorted(set(fa) | set(fb)):
-        if key.split(".")[0] in skip:
-            continue
-        va, vb = fa.get(key, "<missing>"), fb.get(key, "<missing>")
-        if va != vb:
-            lines.append(f"{key}: {short_repr(va)} ({a_name}) vs {short_repr(vb)} ({b_name})")
-    return lines
+    """Human lines "key: <a> (a_name) vs <b> (b_name)" for every differing leaf of two metadata
+    dicts as they read back from zarr attributes; top-level sections in ``skip`` are not compared."""
+    return config_differences(to_json_value(a), to_json_value(b), a_name, b_name,
+                              ignore=lambda key: key.split(".")[0] in skip)
+
+
+def read_metadata(location) -> dict | None:
+    """The root metadata of the store at ``location`` (a StoreLocation), or None when there is no store there."""
+    if not location.is_store():
+        return None
+    return location.open_group("r").attrs.get(METADATA_ATTR)

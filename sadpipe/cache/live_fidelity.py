@@ -47,39 +47,28 @@ def _sample_ids(cache: TeacherCache, images: int, seed: int) -> list[int]:
     return chosen
 
 
-def _fresh_student_spec(teacher_spec: dict, cfg: dict | None) -> dict:
-    """The teacher's spec (store's anchors, preprocessing, classes) with the student's architecture."""
+def fresh_student_spec(teacher_spec: dict, cfg) -> dict:
+    """The teacher's spec (store's anchors, preprocessing, classes) with the student's architecture
+    (``cfg.student.model``; the teacher's own when ``cfg`` is None)."""
     from sadpipe.geometry import AnchorLayout
-    from sadpipe.models import default_spec
+    from sadpipe.models import model_spec
     from sadpipe.transforms import Preprocess
 
     if cfg is None:
         return dict(teacher_spec)
-    m = cfg["student"]["model"]
-    return default_spec(m["arch"], teacher_spec["num_classes"], AnchorLayout.from_dict(teacher_spec["layout"]),
-                        Preprocess.from_dict(teacher_spec["preprocess"]), fpn_channels=m["fpn_channels"],
-                        tiny_widths=m["tiny_widths"], backbone_norm=m["backbone_norm"], head_norm=m["head_norm"],
-                        category_ids=teacher_spec["category_ids"], class_names=teacher_spec["class_names"])
+    return model_spec(cfg.student.model, teacher_spec["num_classes"], AnchorLayout.from_dict(teacher_spec["layout"]),
+                      Preprocess.from_dict(teacher_spec["preprocess"]), category_ids=teacher_spec["category_ids"],
+                      class_names=teacher_spec["class_names"])
 
 
-@torch.no_grad()
-def _logits_alone(model, preprocess, image: np.ndarray, device) -> torch.Tensor:
-    """float32 [A, K] (CPU): ``model`` on one uint8 [H, W, 3] image padded alone."""
-    _, padded = preprocess.sizes(*image.shape[:2])
-    x = preprocess(image)
-    batch = torch.zeros((1, 3, *padded))
-    batch[0, :, : x.shape[1], : x.shape[2]] = x
-    return model(batch.to(device))[0][0].float().cpu()
-
-
-def store_fidelity(store_path, teacher_path, cfg: dict | None = None, *, images: int = 16,
+def store_fidelity(store_path, teacher_path, cfg=None, *, images: int = 16,
                    student_path=None, device: str = "cpu", seed: int = 0) -> dict:
     """Compare a store with its teacher recomputed live on ``images`` sampled ok images.
 
     Args:
         store_path: a finished teacher cache. teacher_path: the checkpoint it was dumped from
             (its sha256 must be the one in the store).
-        cfg: pipeline config or None; gives the fresh student's architecture
+        cfg: a ``settings.PipelineConfig`` or None; gives the fresh student's architecture
             (``student.model``) and the ADL settings (``distill.beta/gamma/variant/normalizer_power``).
         images: sample size; seed: sample and fresh-student seed.
         student_path: optional trained student checkpoint (must match the store's anchors/classes).
@@ -91,8 +80,9 @@ def store_fidelity(store_path, teacher_path, cfg: dict | None = None, *, images:
         ``worst_image_grad_cosine``, ``worst_image_id``}}.
     """
     from sadpipe.data.images import read_image
+    from sadpipe.engine.device import select_device
+    from sadpipe.inference import logits_alone
     from sadpipe.models import build_detector, file_sha256, load_detector
-    from sadpipe.training import select_device
     from sadpipe.transforms import Preprocess
 
     dev = select_device(device)
@@ -108,18 +98,20 @@ def store_fidelity(store_path, teacher_path, cfg: dict | None = None, *, images:
     teacher = load_detector(teacher_path).to(dev).eval()
     preprocess = Preprocess.from_dict(meta["preprocessing"])
     torch.manual_seed(seed)
-    students = {FRESH_STUDENT: build_detector(_fresh_student_spec(teacher.spec, cfg)).to(dev).eval()}
+    students = {FRESH_STUDENT: build_detector(fresh_student_spec(teacher.spec, cfg)).to(dev).eval()}
     if student_path is not None:
         student = load_detector(student_path).to(dev).eval()
         cache.check_compatible(layout=student.layout.to_dict(), category_ids=student.spec["category_ids"],
                                preprocessing=student.preprocess.to_dict())
         students[Path(student_path).name] = student
-    d = (cfg or {}).get("distill", {})
-    adl = {"beta": d.get("beta", 1.0), "gamma": d.get("gamma", 2.0), "variant": d.get("variant", "paper"),
-           "power": d.get("normalizer_power", 1.8)}
+    if cfg is None:  # the paper's settings
+        adl = {"beta": 1.0, "gamma": 2.0, "variant": "paper", "power": 1.8}
+    else:
+        d = cfg.distill
+        adl = {"beta": d.beta, "gamma": d.gamma, "variant": d.variant, "power": d.normalizer_power}
 
     # images are found under this run's data root when a config is given, else under the dump's
-    data_root = ((cfg or {}).get("data") or {}).get("root") or None
+    data_root = (cfg.data.root if cfg is not None else "") or None
     ids = _sample_ids(cache, images, seed)
     info = store_info(cache.path)
     out = {"store": str(cache.path), "teacher": str(teacher_path), "image_ids": ids, "adl": adl, "views": {}}
@@ -130,7 +122,7 @@ def store_fidelity(store_path, teacher_path, cfg: dict | None = None, *, images:
             image = read_image(cache.image_file(image_id, data_root))
             if view == "hflip":
                 image = image[:, ::-1].copy()
-            live = _logits_alone(teacher, preprocess, image, dev)
+            live = logits_alone(teacher, preprocess, image, dev)
             codes = cache.get_codes(image_id, view)
             if codes.shape != tuple(live.shape):
                 raise StoreMismatchError(f"{cache.path}: image {image_id} has {codes.shape[0]} stored anchors but the "
@@ -140,7 +132,7 @@ def store_fidelity(store_path, teacher_path, cfg: dict | None = None, *, images:
             exact.append(live)
             decoded.append(cache.codec.decode(codes).float())
             for name, model in students.items():
-                student_logits[name].append(_logits_alone(model, preprocess, image, dev))
+                student_logits[name].append(logits_alone(model, preprocess, image, dev))
         q_err = (torch.sigmoid(torch.cat(decoded).double()) - torch.sigmoid(torch.cat(exact).double())).abs()
         per_student = {}
         for name, logits in student_logits.items():

@@ -13,7 +13,6 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from ..config import data_path
 from ..transforms import Preprocess, hflip, pad_batch, scale_boxes
 from .coco import CocoDetectionSource, UnlabeledSource
 from .images import read_image
@@ -23,21 +22,20 @@ class DataConfigError(UserError, ValueError):
     pass
 
 
-def labeled_source(cfg: dict, split: str) -> CocoDetectionSource:
-    """split: 'train' or 'val'. Raises DataConfigError naming the missing keys.
+def labeled_source(data, split: str) -> CocoDetectionSource:
+    """The labeled images of ``data`` (a ``settings.DataConfig``), split 'train' or 'val'.
+    Raises DataConfigError naming the missing keys.
 
     With ``data.tune_holdout = f > 0`` both come from the train split: 'val' is the held-out
     fraction f of its images (:func:`is_held_out`), 'train' the rest."""
-    holdout = float(cfg["data"].get("tune_holdout", 0.0))
+    holdout = float(data.tune_holdout)
     read_split = "train" if holdout > 0 else split
-    images, ann = data_path(cfg, f"{read_split}_images"), data_path(cfg, f"{read_split}_annotations")
+    images, ann = data.path(f"{read_split}_images"), data.path(f"{read_split}_annotations")
     if images is None or ann is None:
         raise DataConfigError(f"data.{read_split}_images and data.{read_split}_annotations must be set in the config "
                               f"(or with --set data.{read_split}_images=DIR --set data.{read_split}_annotations=FILE)")
     if holdout <= 0:
         return CocoDetectionSource(images, ann)
-    if holdout >= 1:
-        raise DataConfigError(f"data.tune_holdout must be in [0, 1), got {holdout}")
     # tuning mode: "val" is a held-out part of the labeled train images, never the real val split
     train = CocoDetectionSource(images, ann)
     held = {r.image_id for r in train.images if is_held_out(r.image_id, holdout)}
@@ -52,11 +50,12 @@ def is_held_out(image_id: int, fraction: float) -> bool:
     return random.Random(f"tune-holdout/{int(image_id)}").random() < fraction
 
 
-def unlabeled_source(cfg: dict) -> UnlabeledSource | None:
-    images = data_path(cfg, "unlabeled_images")
+def unlabeled_source(data) -> UnlabeledSource | None:
+    """The unlabeled images of ``data`` (a ``settings.DataConfig``), or None when it has none."""
+    images = data.path("unlabeled_images")
     if images is None:
         return None
-    return UnlabeledSource(images, data_path(cfg, "unlabeled_annotations"))
+    return UnlabeledSource(images, data.path("unlabeled_annotations"))
 
 
 def flip_decision(seed: int, epoch: int, image_id: int) -> bool:

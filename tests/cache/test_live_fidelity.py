@@ -17,9 +17,9 @@ from sadpipe.cache.store_report import verify_store
 from sadpipe.cache.live_fidelity import FRESH_STUDENT, format_fidelity, store_fidelity
 from sadpipe.cache.reader import TeacherCache
 from sadpipe.data.dataset import labeled_source
-from sadpipe.dump import dump_teacher
+from sadpipe.tasks.dump import dump_teacher
 from sadpipe.models import save_checkpoint
-from sadpipe.train import build_model_for
+from sadpipe.tasks.supervised import build_model_for
 
 
 _teacher = make_spread_teacher
@@ -28,10 +28,10 @@ _teacher = make_spread_teacher
 @pytest.fixture(scope="module")
 def dumped(tmp_path_factory, toy_root):
     from conftest import REPO, tiny_overrides
-    from sadpipe.config import load_config
+    from sadpipe.settings import load_settings
 
     base = tmp_path_factory.mktemp("live")
-    cfg = load_config(REPO / "pipelines" / "toy.toml", tiny_overrides(toy_root) + ['dump.views=["orig"]'])
+    cfg = load_settings(REPO / "pipelines" / "toy.toml", tiny_overrides(toy_root) + ['dump.views=["orig"]'])
     teacher = _teacher(cfg, base / "teacher.pt")
     store = base / "c.zarr"
     dump_teacher(cfg, teacher, store, device="cpu", log=lambda *a: None)
@@ -91,7 +91,7 @@ def test_other_teacher_and_trained_student(dumped, tmp_path):
     with pytest.raises(StoreMismatchError, match="not the teacher"):
         store_fidelity(store, other, cfg, images=2)
     torch.manual_seed(5)
-    student = build_model_for(cfg, "student", labeled_source(cfg, "train").categories)
+    student = build_model_for(cfg, "student", labeled_source(cfg.data, "train").categories)
     path = save_checkpoint(tmp_path / "student.pt", student)
     d = store_fidelity(store, teacher, None, images=2, student_path=path)
     assert set(d["views"]["orig"]["students"]) == {FRESH_STUDENT, "student.pt"}

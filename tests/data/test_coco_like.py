@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from sadpipe.cli import main
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.coco import check_disjoint_ids
 from sadpipe.data.coco_like import COCO_LIKE_SIZES, make_coco_like_dataset
 from sadpipe.data.dataset import labeled_source, unlabeled_source
@@ -47,9 +47,9 @@ def test_layout_is_what_the_coco_pipelines_read(coco_like):
     assert {p.name for p in (root / "annotations").iterdir()} == {
         "instances_train2017.json", "instances_val2017.json", "image_info_unlabeled2017.json"}
     for pipeline in ("coco_sad_r50.toml", "coco_r101_teacher.toml"):
-        cfg = load_config(REPO / "pipelines" / pipeline, [f"data.root={json.dumps(str(root))}"])
-        train, val = labeled_source(cfg, "train"), labeled_source(cfg, "val")
-        unlabeled = unlabeled_source(cfg)
+        cfg = load_settings(REPO / "pipelines" / pipeline, [f"data.root={json.dumps(str(root))}"])
+        train, val = labeled_source(cfg.data, "train"), labeled_source(cfg.data, "val")
+        unlabeled = unlabeled_source(cfg.data)
         assert (len(train), len(val), len(unlabeled)) == (5, 3, 4)
         assert train.categories.num_classes == 80 and unlabeled.categories == train.categories
         check_disjoint_ids(train, val, unlabeled)

@@ -7,19 +7,19 @@ import random
 import pytest
 from conftest import REPO, tiny_overrides
 
-from sadpipe.config import load_config
+from sadpipe.settings import load_settings
 from sadpipe.data.dataset import DataConfigError, is_held_out, labeled_source
 from sadpipe.evaluate import coco_evaluate
 
 
 def _cfg(root, *extra):
-    return load_config(REPO / "pipelines" / "toy.toml", tiny_overrides(root) + list(extra))
+    return load_settings(REPO / "pipelines" / "toy.toml", tiny_overrides(root) + list(extra))
 
 
 def test_train_and_holdout_split_the_train_images_by_id(toy_root):
     plain = labeled_source(_cfg(toy_root), "train")
     cfg = _cfg(toy_root, "data.tune_holdout=0.2")
-    train, held = labeled_source(cfg, "train"), labeled_source(cfg, "val")
+    train, held = labeled_source(cfg.data, "train"), labeled_source(cfg.data, "val")
     ids, train_ids, held_ids = ({r.image_id for r in s.images} for s in (plain, train, held))
     assert train_ids | held_ids == ids and not train_ids & held_ids
     # membership is a function of the id alone, computed here a second way
@@ -35,7 +35,7 @@ def test_train_and_holdout_split_the_train_images_by_id(toy_root):
 
 def test_the_holdout_never_reads_the_val_split(toy_root):
     cfg = _cfg(toy_root, "data.tune_holdout=0.25", 'data.val_images=""', 'data.val_annotations=""')
-    held = labeled_source(cfg, "val")
+    held = labeled_source(cfg.data, "val")
     assert all(is_held_out(r.image_id, 0.25) for r in held.images)
     with pytest.raises(DataConfigError, match="tune_holdout"):
         labeled_source(_cfg(toy_root, "data.tune_holdout=1.0"), "val")
@@ -43,7 +43,7 @@ def test_the_holdout_never_reads_the_val_split(toy_root):
 
 def test_evaluating_the_holdout_counts_only_its_images(toy_root):
     cfg = _cfg(toy_root, "data.tune_holdout=0.2")
-    held = labeled_source(cfg, "val")
+    held = labeled_source(cfg.data, "val")
     # perfect detections for the held-out images only: AP 1 over them (pycocotools restricted by image ids)
     dets = []
     for r in held.images:

@@ -26,24 +26,25 @@ import tomli_w
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import UserError
-from .cache.codec import codec_from_dict, default_codec
-from .cache.format import METADATA_ATTR, ImageResult, StoreSpec, ViewResult
-from .cache.storage import StoreLocation, store_location
-from .cache.writer import StoreWriter
-from .cache import targets
-from .config import path_in_data_root, save_resolved
-from .data.coco import check_disjoint_ids
-from .data.dataset import labeled_source, unlabeled_source
-from .data.images import ImageReadError, read_image
-from .distributed import fail_together
-from .labeling import postprocess
-from .models import Detector, file_sha256, load_detector
-from .predict import AnchorCache, autocast
-from .training import DistInfo, init_distributed, progress_bar, select_device
-from .transforms import Preprocess, geometry_from_config, hflip
+from ..cache import targets
+from ..cache.codec import codec_from_dict, default_codec
+from ..cache.format import ImageResult, StoreSpec, ViewResult, read_metadata
+from ..cache.storage import StoreLocation, store_location
+from ..cache.writer import StoreWriter
+from ..config import save_resolved
+from ..data.coco import check_disjoint_ids
+from ..data.dataset import labeled_source, unlabeled_source
+from ..data.images import ImageReadError, read_image
+from ..engine.device import AnchorCache, autocast, select_device
+from ..engine.distributed import DistInfo, fail_together, init_distributed
+from ..engine.progress import progress_bar
+from ..errors import UserError
+from ..inference import logits_alone
+from ..labeling import postprocess
+from ..models import Detector, file_sha256, load_detector
+from ..settings import VIEWS, DetectConfig, PipelineConfig
+from ..transforms import Preprocess, hflip
 
-VIEWS = ("orig", "hflip")
 # Codec fit sample: images spread evenly over the plan, and at most this many (anchor, class)
 # values per image (a random subset of anchors) so a COCO-size fit stays in memory.
 CODEC_FIT_IMAGES = 32
@@ -52,9 +53,6 @@ CODEC_FIT_VALUES_PER_IMAGE = 1 << 18
 # metadata so a resume may change them. Sections a teacher cache does not depend on are too.
 RUN_ONLY_DUMP_KEYS = ("num_workers", "batch_size")
 STORED_CONFIG_SECTIONS = ("name", "data", "geometry", "detect", "dump", "teacher")
-# On CPU, encode + postprocess on the background thread (overlapping the next forward) or in
-# the main thread; a module switch for benchmarks/dump_throughput.py.
-POSTPROCESS_ON_THREAD_ON_CPU = True
 
 
 class DumpError(UserError, ValueError):
@@ -72,7 +70,7 @@ class PlanEntry:
     key: str
 
 
-def build_plan(cfg: dict, limit: int | None = None) -> list[PlanEntry]:
+def build_plan(cfg: PipelineConfig, limit: int | None = None) -> list[PlanEntry]:
     """Labeled train images then unlabeled ones, in source order; ids are unique.
 
     An unlabeled record with the id and file of a labeled one (e.g. train2017 listed inside a
@@ -80,15 +78,15 @@ def build_plan(cfg: dict, limit: int | None = None) -> list[PlanEntry]:
     the first ``limit`` plan entries (benchmarks, smoke runs); the plan hash in the store
     records it, so a resume cannot mix plans.
     """
-    labeled = labeled_source(cfg, "train")
-    unlabeled = unlabeled_source(cfg)
+    labeled = labeled_source(cfg.data, "train")
+    unlabeled = unlabeled_source(cfg.data)
     sources = [labeled] + ([unlabeled] if unlabeled is not None else [])
     try:
         check_disjoint_ids(*sources)
     except ValueError as e:
         raise DumpError(str(e)) from None
     def entry(r, split: str) -> PlanEntry:
-        return PlanEntry(r.image_id, split, str(r.path), path_in_data_root(cfg, r.path))
+        return PlanEntry(r.image_id, split, str(r.path), cfg.data.key_of(r.path))
 
     plan = [entry(r, "labeled") for r in labeled.images]
     if unlabeled is not None:
@@ -158,7 +156,7 @@ def forward_batches(teacher: Detector, items: list[dict], view: str, device: tor
 
 @torch.no_grad()
 def finish_batch(chunk: list[dict], padded: tuple[int, int], cls_logits: torch.Tensor, bbox: torch.Tensor, *,
-                 codec, anchors: Callable[[tuple[int, int]], torch.Tensor], layout, detect_cfg: dict,
+                 codec, anchors: Callable[[tuple[int, int]], torch.Tensor], layout, detect: DetectConfig,
                  with_box_regression: bool) -> dict[int, ViewResult]:
     """Encode and postprocess one batch; returns plan position -> ViewResult. Codes and their
     compact form are made on the logits' device: only the entries above the background bin
@@ -166,9 +164,8 @@ def finish_batch(chunk: list[dict], padded: tuple[int, int], cls_logits: torch.T
     codes = codec.encode(cls_logits)  # uint8 [B, A, K]; every image of the chunk has the same padded size
     boxes16 = bbox.half().cpu().numpy() if with_box_regression else None
     dets = postprocess(cls_logits, bbox, anchors(padded), [it["size"] for it in chunk], layout.anchors_per_level(padded),
-                       score_thresh=detect_cfg["score_thresh"], nms_thresh=detect_cfg["nms_thresh"],
-                       detections_per_img=detect_cfg["detections_per_img"],
-                       topk_candidates=detect_cfg["topk_candidates"])
+                       score_thresh=detect.score_thresh, nms_thresh=detect.nms_thresh,
+                       detections_per_img=detect.detections_per_img, topk_candidates=detect.topk_candidates)
     return {item["index"]: ViewResult(
         cls_codes=targets.compact_from_codes(codes[i], codec.zstd_level), box_regression=None if boxes16 is None else boxes16[i],
         det_boxes=dets[i]["boxes"].cpu().numpy().astype(np.float32),
@@ -230,15 +227,21 @@ class Background:
             raise self.error
 
 
-def make_spec(cfg: dict, plan: list[PlanEntry], teacher: Detector, teacher_path: Path, codec, views, *,
+def write_shard(writer: StoreWriter, shard: int, results: list[ImageResult], on_written=None) -> None:
+    writer.write_shard(shard, results)
+    if on_written is not None:
+        on_written(shard)
+
+
+def make_spec(cfg: PipelineConfig, plan: list[PlanEntry], teacher: Detector, teacher_path: Path, codec, views, *,
               with_box_regression: bool, limit: int | None = None) -> StoreSpec:
-    layout, preprocess = geometry_from_config(cfg)
-    d = cfg["dump"]
+    layout, preprocess = cfg.geometry.layout, cfg.geometry.preprocess
+    d = cfg.dump
     return StoreSpec(
         image_ids=[p.image_id for p in plan], splits=[p.split for p in plan], paths=[p.key for p in plan],
         views=tuple(views), num_classes=teacher.num_classes,
         max_anchors=layout.max_anchors(preprocess.min_size, preprocess.max_size), num_levels=layout.num_levels,
-        images_per_shard=d["images_per_shard"], max_detections=cfg["detect"]["detections_per_img"],
+        images_per_shard=d.images_per_shard, max_detections=cfg.detect.detections_per_img,
         with_box_regression=with_box_regression,
         metadata={
             "anchor_layout": layout.to_dict(), "anchor_layout_fingerprint": layout.fingerprint(),
@@ -246,14 +249,14 @@ def make_spec(cfg: dict, plan: list[PlanEntry], teacher: Detector, teacher_path:
             "classes": {"category_ids": teacher.spec["category_ids"], "names": teacher.spec["class_names"]},
             "teacher": {"arch": teacher.spec["arch"], "checkpoint_sha256": file_sha256(teacher_path),
                         "checkpoint": str(teacher_path.resolve()), "spec": teacher.spec},
-            "codec": codec.to_dict(), "detect": dict(cfg["detect"]), "plan_limit": limit,
-            "config": stored_config(cfg),
+            "codec": codec.to_dict(), "detect": dict(cfg.resolved["detect"]), "plan_limit": limit,
+            "config": stored_config(cfg.resolved),
         })
 
 
-def check_teacher(teacher: Detector, teacher_path: Path, cfg: dict, categories) -> None:
+def check_teacher(teacher: Detector, teacher_path: Path, cfg: PipelineConfig, categories) -> None:
     """DumpError unless the teacher's anchors, preprocessing and classes are the config's."""
-    layout, preprocess = geometry_from_config(cfg)
+    layout, preprocess = cfg.geometry.layout, cfg.geometry.preprocess
     problems = []
     if teacher.layout.fingerprint() != layout.fingerprint():
         problems.append(f"anchor layout {teacher.layout.to_dict()} vs the config's {layout.to_dict()} "
@@ -269,15 +272,13 @@ def check_teacher(teacher: Detector, teacher_path: Path, cfg: dict, categories) 
         raise DumpError(f"teacher {teacher_path} does not fit this config:\n  - " + "\n  - ".join(problems))
 
 
-def _stored_codec(out: StoreLocation, overwrite: bool):
+def stored_codec(out: StoreLocation, overwrite: bool):
     """The codec of an existing store at ``out`` (resume reuses its fit), else None."""
-    if overwrite or not out.is_store():
-        return None
-    meta = out.open_group("r").attrs.get(METADATA_ATTR)
+    meta = None if overwrite else read_metadata(out)
     return None if meta is None or "codec" not in meta else codec_from_dict(meta["codec"])
 
 
-def _unfitted(codec) -> dict:
+def unfitted(codec) -> dict:
     d = codec.to_dict()
     return {k: v for k, v in d.items() if k not in ("decode_q", "floor_context")}
 
@@ -298,11 +299,7 @@ def fit_codec(codec, teacher: Detector, plan: list[PlanEntry], preprocess, devic
                 image = read_image(plan[i].path)
             except ImageReadError:
                 continue
-            _, padded = preprocess.sizes(*image.shape[:2])
-            x = preprocess(image)
-            batch = torch.zeros((1, 3, *padded))
-            batch[0, :, : x.shape[1], : x.shape[2]] = x
-            sample.append(teacher(batch.to(device))[0][0].float().cpu())  # [A_i, K]
+            sample.append(logits_alone(teacher, preprocess, image, device))  # [A_i, K]
     if not sample:
         raise DumpError("none of the codec-fit sample images could be read; check the image paths")
     # codec.fit takes [B, A, K]: the same number of anchors per image, a random subset of each
@@ -315,10 +312,14 @@ def fit_codec(codec, teacher: Detector, plan: list[PlanEntry], preprocess, devic
     return fitted
 
 
-def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device: str = "auto",
+def dump_teacher(cfg: PipelineConfig, teacher_path: str | Path, out: str | Path, *, device: str = "auto",
                  views: tuple[str, ...] | None = None, with_box_regression: bool | None = None,
-                 overwrite: bool = False, strict: bool = False, limit: int | None = None, log=print) -> dict:
+                 overwrite: bool = False, strict: bool = False, limit: int | None = None, log=print,
+                 on_shard_written: Callable[[int], None] | None = None) -> dict:
     """Write (or resume) the teacher cache ``out``.
+
+    ``on_shard_written(k)`` is called (on the writer thread) after store shard k is written; an
+    exception there stops the dump as a failed write would (the shards written stay written).
 
     ``limit`` dumps only the first ``limit`` images of the plan (recorded in the store).
     Returns a summary dict: rank, images (done by this rank in this run), failed, seconds and
@@ -327,26 +328,26 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
     out, teacher_path = store_location(out), Path(teacher_path)  # out: a local path or a URL (s3://...)
     dev = select_device(device)
     info: DistInfo = init_distributed(dev)
-    d = cfg["dump"]
-    views = tuple(views or d["views"])
+    d = cfg.dump
+    views = tuple(views or d.views)
     if unknown := [v for v in views if v not in VIEWS]:
         raise DumpError(f"unknown view(s) {unknown}; choose from {', '.join(VIEWS)}")
-    with_box_regression = d["with_box_regression"] if with_box_regression is None else with_box_regression
-    layout, preprocess = geometry_from_config(cfg)
+    with_box_regression = d.with_box_regression if with_box_regression is None else with_box_regression
+    layout, preprocess = cfg.geometry.layout, cfg.geometry.preprocess
 
     teacher = load_detector(teacher_path).to(dev).eval()
-    check_teacher(teacher, teacher_path, cfg, labeled_source(cfg, "train").categories)
+    check_teacher(teacher, teacher_path, cfg, labeled_source(cfg.data, "train").categories)
     plan = build_plan(cfg, limit)
 
     fit_seconds = 0.0
     with fail_together(info):  # a refusal on rank 0 (e.g. StoreMismatchError) stops every rank with it
         if info.is_main:
-            codec = codec_from_dict(d["codec"]) if d["codec"] else default_codec()
+            codec = codec_from_dict(d.codec) if d.codec else default_codec()
             # default_codec() ships decode values fitted on another (the toy) teacher: refit them on
             # this one; a configured codec with its own decode_q is used as given.
-            refit = not d["codec"] or d["codec"].get("decode_q") is None
-            stored = _stored_codec(out, overwrite)
-            if stored is not None and _unfitted(stored) == _unfitted(codec):
+            refit = not d.codec or d.codec.get("decode_q") is None
+            stored = stored_codec(out, overwrite)
+            if stored is not None and unfitted(stored) == unfitted(codec):
                 codec = stored  # resume: the fit is part of the store's identity; refitting could differ in the last bit
             elif refit:
                 t_fit = time.perf_counter()
@@ -357,9 +358,9 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
             writer = StoreWriter.create_or_resume(out, spec, overwrite=overwrite)
             log(writer.resume_summary)
             if out.is_local:
-                save_resolved(cfg, out.path.parent, name=f"{out.path.name}.config.resolved.toml")
+                save_resolved(cfg.resolved, out.path.parent, name=f"{out.path.name}.config.resolved.toml")
             else:  # an object-store prefix has no directory beside it: the resolved config goes inside the store
-                out.write_bytes("config.resolved.toml", tomli_w.dumps(cfg).encode())
+                out.write_bytes("config.resolved.toml", tomli_w.dumps(cfg.resolved).encode())
     if not info.is_main:
         writer = StoreWriter.open(out)
     codec = codec_from_dict(writer.metadata["codec"])  # every rank encodes with the stored codec
@@ -367,15 +368,15 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
 
     dataset = DumpImages(plan, preprocess, views)
     loader = DataLoader(dataset, batch_sampler=list(_shard_batches(writer, shards)), collate_fn=list,
-                        num_workers=d["num_workers"], pin_memory=False)
+                        num_workers=d.num_workers, pin_memory=False)
     todo = sum(len(writer.shard_indices(k)) for k in shards)
     bar = progress_bar(todo, 0, f"dump rank {info.rank}", enabled=True)
     background = Background()
     # CPU: encode/postprocess on the background thread; CUDA: right away (the logits are big on
     # the device and the GPU does it fast), only the zarr write goes to the thread.
-    overlap = dev.type == "cpu" and POSTPROCESS_ON_THREAD_ON_CPU
+    overlap = dev.type == "cpu"
     anchor_cache = AnchorCache(layout, dev)
-    finish = partial(finish_batch, codec=codec, anchors=anchor_cache, layout=layout, detect_cfg=cfg["detect"],
+    finish = partial(finish_batch, codec=codec, anchors=anchor_cache, layout=layout, detect=cfg.detect,
                      with_box_regression=with_box_regression)
     failed, t0 = 0, time.perf_counter()
     # a failure on any rank (e.g. an image --strict refuses) stops every rank with its message
@@ -391,13 +392,14 @@ def dump_teacher(cfg: dict, teacher_path: str | Path, out: str | Path, *, device
                 per_view: dict[str, dict[int, ViewResult]] = {v: {} for v in views}
                 for v in views:
                     for chunk, padded, cls_logits, bbox in forward_batches(teacher, ok_items, v, dev,
-                                                                           batch_size=d["batch_size"], amp=True):
+                                                                           batch_size=d.batch_size, amp=True):
                         if overlap:
                             background.put(lambda out=per_view[v], a=(chunk, padded, cls_logits, bbox): out.update(finish(*a)))
                         else:
                             per_view[v].update(finish(chunk, padded, cls_logits, bbox))
-                background.put(lambda shard=shard, items=items, per_view=per_view:
-                               writer.write_shard(shard, shard_results(items, per_view, layout)))
+                # shard_results runs on the thread too: on CPU per_view is filled by the jobs queued before it
+                background.put(lambda shard=shard, items=items, per_view=per_view: write_shard(
+                    writer, shard, shard_results(items, per_view, layout), on_shard_written))
                 bar.update(len(items))
         finally:
             try:

@@ -1,4 +1,5 @@
-"""What keeps the ranks of a torchrun job in step when something goes wrong.
+"""The ranks of a torchrun job: joining the process group (``init_distributed``, ``DistInfo``), and
+what keeps them in step when something goes wrong.
 
 Two problems, two tools:
 
@@ -29,21 +30,49 @@ once with gloo ("Connection closed by peer"), and with NCCL wait until torchrun 
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
-from .training import DistInfo
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1); NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class PeerRankError(RuntimeError):
     """Raised on the other ranks when one rank failed with a bug (not a user error)."""
 
 
-def _report(rank: int, error: BaseException) -> dict:
+def error_report(rank: int, error: BaseException) -> dict:
     """What the other ranks need to raise the same error: class, message and (if it pickles) attributes."""
     try:
         state = pickle.loads(pickle.dumps(dict(vars(error))))
@@ -54,7 +83,7 @@ def _report(rank: int, error: BaseException) -> dict:
             "state": state}
 
 
-def _rebuild(report: dict) -> Exception:
+def rebuild_error(report: dict) -> Exception:
     """The failed rank's user error as the same class and message, else a PeerRankError."""
 
     summary = f"{report['qualname']}: {report['message']}"
@@ -86,15 +115,15 @@ def agree(info: DistInfo, error: BaseException | None) -> None:
     """Collective: every rank calls it at the same point, with the exception it hit or None.
 
     Returns when no rank failed. Otherwise a rank that passed an error returns too (its caller
-    re-raises it) and every other rank raises the lowest failed rank's error (see ``_rebuild``).
+    re-raises it) and every other rank raises the lowest failed rank's error (see ``rebuild_error``).
     """
     if not info.enabled:
         return
     reports: list = [None] * info.world_size
-    dist.all_gather_object(reports, None if error is None else _report(info.rank, error))
+    dist.all_gather_object(reports, None if error is None else error_report(info.rank, error))
     failed = [r for r in reports if r is not None]
     if failed and error is None:
-        raise _rebuild(failed[0])
+        raise rebuild_error(failed[0])
 
 
 @contextmanager

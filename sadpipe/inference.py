@@ -1,10 +1,12 @@
-"""Running a detector over a dataset: head outputs, detections, COCO evaluation."""
+"""Running a detector: over a DataLoader (head outputs, detections), on one image padded alone
+(logits), and the COCO evaluation of a model on a labeled source."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -12,24 +14,7 @@ from .data.dataset import DetectionDataset, collate
 from .evaluate import coco_evaluate, detections_to_coco
 from .labeling import postprocess
 from .models import Detector
-from .training import move_to
-
-
-class AnchorCache:
-    """Anchors per canvas size, built once on the device."""
-
-    def __init__(self, layout, device):
-        self.layout, self.device, self._cache = layout, device, {}
-
-    def __call__(self, canvas: tuple[int, int]) -> torch.Tensor:
-        if canvas not in self._cache:
-            self._cache[canvas] = self.layout.anchors(canvas).to(self.device)
-        return self._cache[canvas]
-
-
-def autocast(device: torch.device, enabled: bool):
-    """float16 autocast on CUDA when enabled; a no-op context on CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+from .engine.device import AnchorCache, autocast, move_to
 
 
 def detections_in_original_pixels(boxes: torch.Tensor, size: tuple[int, int], orig_size: tuple[int, int]) -> torch.Tensor:
@@ -39,10 +24,21 @@ def detections_in_original_pixels(boxes: torch.Tensor, size: tuple[int, int], or
 
 
 @torch.no_grad()
-def run_detector(model: Detector, loader: DataLoader, device: torch.device, detect_cfg: dict, *, amp: bool = True):
+def logits_alone(model: Detector, preprocess, image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """float32 [A, K] (CPU): the class logits of ``model`` on one uint8 [H, W, 3] image resized and
+    padded alone (its own padded size, as the dump batches images)."""
+    _, padded = preprocess.sizes(*image.shape[:2])
+    x = preprocess(image)
+    batch = torch.zeros((1, 3, *padded))
+    batch[0, :, : x.shape[1], : x.shape[2]] = x
+    return model(batch.to(device))[0][0].float().cpu()
+
+
+@torch.no_grad()
+def run_detector(model: Detector, loader: DataLoader, device: torch.device, detect, *, amp: bool = True):
     """Yield (batch, cls_logits [B, A, K] float32, bbox_regression [B, A, 4] float32, detections list) per batch.
 
-    Detections are in resized-image pixels, like the batch's ``boxes``.
+    Detections are in resized-image pixels, like the batch's ``boxes``; ``detect``: a ``settings.DetectConfig``.
     """
     model.eval()
     anchors = AnchorCache(model.layout, device)
@@ -53,20 +49,20 @@ def run_detector(model: Detector, loader: DataLoader, device: torch.device, dete
         cls_logits, bbox = cls_logits.float(), bbox.float()
         level_sizes = model.layout.anchors_per_level(batch["canvas"])
         dets = postprocess(cls_logits, bbox, anchors(batch["canvas"]), batch["size"], level_sizes,
-                           score_thresh=detect_cfg["score_thresh"], nms_thresh=detect_cfg["nms_thresh"],
-                           detections_per_img=detect_cfg["detections_per_img"],
-                           topk_candidates=detect_cfg["topk_candidates"])
+                           score_thresh=detect.score_thresh, nms_thresh=detect.nms_thresh,
+                           detections_per_img=detect.detections_per_img, topk_candidates=detect.topk_candidates)
         yield batch, cls_logits, bbox, dets
 
 
-def evaluate_model(model: Detector, source, cfg: dict, device: torch.device, *, batch_size: int = 16,
+def evaluate_model(model: Detector, source, detect, device: torch.device, *, batch_size: int = 16,
                    num_workers: int = 0, out_json: Path | None = None) -> dict:
-    """COCO metrics of ``model`` on a labeled source (instances JSON); optionally writes detections + metrics."""
+    """COCO metrics of ``model`` on a labeled source (instances JSON), detections made as ``detect``
+    (a ``settings.DetectConfig``) says; optionally writes the metrics and the detection count."""
     dataset = DetectionDataset(source, model.preprocess)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     results = []
-    for batch, _, _, dets in run_detector(model, loader, device, cfg["detect"]):
+    for batch, _, _, dets in run_detector(model, loader, device, detect):
         for i, d in enumerate(dets):
             boxes = detections_in_original_pixels(d["boxes"], batch["size"][i], batch["orig_size"][i])
             results.extend(detections_to_coco(batch["image_id"][i], boxes, d["scores"], d["labels"],

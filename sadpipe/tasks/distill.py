@@ -23,22 +23,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
-from . import losses
-from .cache.reader import TeacherCache
-from .cache.targets import decode as decode_targets
-from .config import path_in_data_root
-from .data.dataset import DetectionDataset, collate, labeled_source, seed_worker, unlabeled_source
-from .geometry import image_to_batch_index
-from .labeling import IGNORED, detection_loss, foreground_box_targets
-from .loop import RunSpec, Stream, fit
-from .models import load_detector
-from .predict import autocast
-from .train import build_model_for, val_evaluator
-from .training import TrainingError, init_distributed, move_to, seed_everything, select_device
+from .. import losses
+from ..cache.reader import TeacherCache
+from ..cache.targets import decode as decode_targets
+from ..data.dataset import DetectionDataset, collate, labeled_source, seed_worker, unlabeled_source
+from ..engine.device import autocast, move_to, seed_everything, select_device
+from ..engine.distributed import init_distributed
+from ..engine.loop import BatchLoss, Hooks, RunSpec, fit
+from ..engine.streams import ConcatWithEpoch, Stream, total_steps
+from ..errors import TrainingError
+from ..geometry import image_to_batch_index
+from ..labeling import IGNORED, detection_loss, foreground_box_targets
+from ..models import load_detector
+from ..settings import DataConfig, DistillConfig, PipelineConfig, TrainConfig
+from ..shard_sampler import use_shard_order
+from .supervised import build_model_for, hard_targets, val_evaluator
 
-METHODS = ("none", "kd", "fdl", "adl", "sad", "data_distillation", "weighted_ce")
 SOFT_LOSS = {"kd", "fdl", "adl", "sad", "weighted_ce"}
 USES_UNLABELED = {"sad", "data_distillation"}
 
@@ -88,7 +90,7 @@ class WithTeacher(Dataset):
         return sample
 
 
-def join_cache(cfg: dict, records, cache: TeacherCache | None, stream: str, *, keep_missing: bool,
+def join_cache(data: DataConfig, records, cache: TeacherCache | None, stream: str, *, keep_missing: bool,
                log=print) -> list[int]:
     """The image ids a stream trains on, after joining the config's images to the cache by id.
 
@@ -106,7 +108,7 @@ def join_cache(cfg: dict, records, cache: TeacherCache | None, stream: str, *, k
     mismatched = []
     for r in records:
         if r.image_id in cache:
-            stored, ours = cache.image_facts(r.image_id)["path"], path_in_data_root(cfg, r.path)
+            stored, ours = cache.image_facts(r.image_id)["path"], data.key_of(r.path)
             if stored != ours:
                 mismatched.append(f"image id {r.image_id}: cache {stored!r} vs this run {ours!r}")
     if mismatched:
@@ -129,23 +131,18 @@ def join_cache(cfg: dict, records, cache: TeacherCache | None, stream: str, *, k
     return kept
 
 
-class ConcatWithEpoch(ConcatDataset):
-    def set_epoch(self, epoch: int) -> None:
-        for d in self.datasets:
-            d.set_epoch(epoch)
-
-
-def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None, code_table=None) -> tuple[torch.Tensor, dict]:
-    """Total loss of one batch and its terms (floats) for the log.
+def batch_loss(student, batch, anchors, dcfg: DistillConfig, tcfg: TrainConfig, device, teacher=None,
+               code_table=None) -> BatchLoss:
+    """Total loss of one batch, its terms (floats) for the log and the hard targets it used.
 
     GT (or pseudo-GT) focal + box losses on the samples that have targets, plus
     ``loss_weight * sum(distillation) / normaliser`` over every sample with teacher targets,
     gathered at the sample's own anchors inside the batch canvas. Cached targets arrive compact
     (``batch["teacher"]``) and are decoded here on ``device`` with ``code_table`` (float32 [256],
     the cache's ``code_table`` on the device); ``teacher`` instead runs a live teacher.
+    ``dcfg``: the [distill] settings; ``tcfg``: the student's [train] settings (focal and box loss).
     """
-    dcfg, tcfg = cfg["distill"], cfg["student"]["train"]
-    method = dcfg["method"]
+    method = dcfg.method
     canvas = batch["canvas"]
     cls_logits, bbox = student(move_to(batch["images"], device))
     cls_logits, bbox = cls_logits.float(), bbox.float()
@@ -153,30 +150,29 @@ def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None, code_ta
     total = cls_logits.new_zeros(())
 
     # -- hard targets: GT on labeled samples, pseudo-GT on unlabeled ones when they carry boxes
-    has_targets = [bool(lab) or (method == "data_distillation" or dcfg["pseudo_labels"]) for lab in batch["labeled"]]
+    has_targets = [bool(lab) or uses_pseudo_labels(dcfg) for lab in batch["labeled"]]
     sel = [i for i, h in enumerate(has_targets) if h]
-    matched = None
+    matched = targets = None
     if sel:
-        targets = [{"boxes": batch["boxes"][i].to(device), "labels": batch["labels"][i].to(device),
-                    "iscrowd": batch["iscrowd"][i].to(device)} for i in sel]
-        det = detection_loss(cls_logits[sel], bbox[sel], anchors(canvas), targets, focal_alpha=tcfg["focal_alpha"],
-                             focal_gamma=tcfg["focal_gamma"], box_loss=tcfg["box_loss"])
-        cls_weight = dcfg["hard_weight"] if method == "weighted_ce" else 1.0  # Chen et al.'s mu
-        hard = cls_weight * det["classification"] + tcfg["box_loss_weight"] * det["box_regression"]
+        targets = hard_targets(batch, sel, device)
+        det = detection_loss(cls_logits[sel], bbox[sel], anchors(canvas), targets, focal_alpha=tcfg.focal_alpha,
+                             focal_gamma=tcfg.focal_gamma, box_loss=tcfg.box_loss)
+        cls_weight = dcfg.hard_weight if method == "weighted_ce" else 1.0  # Chen et al.'s mu
+        hard = cls_weight * det["classification"] + tcfg.box_loss_weight * det["box_regression"]
         total = total + hard * len(sel) / len(has_targets)  # an unlabeled sample without targets adds no hard loss
         terms.update(cls=det["classification"].item(), box=det["box_regression"].item())
         matched = dict(zip(sel, det["matched_idxs"]))
 
     t_canvas = t_box_canvas = None
-    if teacher is not None and (method in SOFT_LOSS or dcfg["bounded_regression_weight"] > 0):
+    if teacher is not None and (method in SOFT_LOSS or dcfg.bounded_regression_weight > 0):
         # online distillation (benchmark): the teacher sees the same canvas
         with torch.no_grad(), autocast(device, True):
             t_canvas, t_box_canvas = (t.float() for t in teacher(move_to(batch["images"], device)))
-    if dcfg["bounded_regression_weight"] > 0 and matched:
+    if dcfg.bounded_regression_weight > 0 and matched:
         bounded = bounded_regression(bbox, batch, anchors(canvas), matched, t_box_canvas, student_layout(student),
-                                     dcfg["bounded_regression_margin"], device)
+                                     dcfg.bounded_regression_margin, device)
         if bounded is not None:
-            total = total + dcfg["bounded_regression_weight"] * bounded
+            total = total + dcfg.bounded_regression_weight * bounded
             terms["bounded"] = bounded.item()
 
     # -- soft targets from the teacher
@@ -200,25 +196,29 @@ def batch_loss(student, batch, anchors, cfg: dict, device, teacher=None, code_ta
         if s_parts:
             s, t, m = torch.cat(s_parts), torch.cat(t_parts), torch.cat(m_parts)[:, None]
             if method == "kd":
-                per_entry = losses.binary_kd_loss(s, t, temperature=dcfg["temperature"])
+                per_entry = losses.binary_kd_loss(s, t, temperature=dcfg.temperature)
             elif method == "weighted_ce":
-                per_entry = losses.weighted_soft_cross_entropy(s, t, background_weight=dcfg["background_weight"])
+                per_entry = losses.weighted_soft_cross_entropy(s, t, background_weight=dcfg.background_weight)
             else:
-                beta = 0.0 if method == "fdl" else dcfg["beta"]
-                per_entry = losses.adaptive_distillation_loss(s, t, beta=beta, gamma=dcfg["gamma"],
-                                                              variant=dcfg["variant"])
-            if dcfg["normalizer"] == "adaptive":
-                norm = losses.adaptive_normalizer(t, power=dcfg["normalizer_power"], mask=m)
+                beta = 0.0 if method == "fdl" else dcfg.beta
+                per_entry = losses.adaptive_distillation_loss(s, t, beta=beta, gamma=dcfg.gamma, variant=dcfg.variant)
+            if dcfg.normalizer == "adaptive":
+                norm = losses.adaptive_normalizer(t, power=dcfg.normalizer_power, mask=m)
             else:
                 fg = sum(int((matched[i] >= 0).sum()) for i in matched) if matched else 0
                 norm = losses.foreground_normalizer(fg)
             soft = (per_entry * m).sum() / norm
             # weighted_ce mixes hard and soft classification as Chen et al. do: (1 - mu) on the soft part
-            soft_weight = (1.0 - dcfg["hard_weight"]) if method == "weighted_ce" else dcfg["loss_weight"]
+            soft_weight = (1.0 - dcfg.hard_weight) if method == "weighted_ce" else dcfg.loss_weight
             total = total + soft_weight * soft
             terms.update(distill=soft.item(), normalizer=float(norm))
     terms["loss"] = total.item()
-    return total, terms
+    return BatchLoss(total, terms, targets)
+
+
+def uses_pseudo_labels(dcfg: DistillConfig) -> bool:
+    """Unlabeled samples carry the teacher's stored detections as boxes (data distillation, or pseudo_labels)."""
+    return dcfg.method == "data_distillation" or dcfg.pseudo_labels
 
 
 def bounded_regression(bbox, batch, anchors, matched: dict, t_box_canvas, layout, margin: float, device):
@@ -256,86 +256,88 @@ def student_layout(student):
     return (student.module if hasattr(student, "module") else student).layout
 
 
-def train_student(cfg: dict, cache_path: str | Path | None, out_dir: str | Path, *, device: str = "auto",
-                  max_steps: int | None = None, resume: bool = False, evaluate: bool = True) -> dict:
-    """Train ``cfg['student']`` with ``cfg['distill']``; returns a summary dict (metrics included)."""
+def open_cache(cache, student) -> TeacherCache:
+    """``cache`` (a path, a URL or an open TeacherCache) opened and checked against the student's
+    anchors, classes and preprocessing (CacheMismatchError otherwise)."""
+    cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+    cache.check_compatible(layout=student.layout.to_dict(), category_ids=student.spec["category_ids"],
+                           class_names=student.spec["class_names"], preprocessing=student.preprocess.to_dict())
+    return cache
+
+
+def train_student(cfg: PipelineConfig, cache: str | Path | TeacherCache | None, out_dir: str | Path, *,
+                  device: str = "auto", max_steps: int | None = None, resume: bool = False, evaluate: bool = True,
+                  hooks: Hooks | None = None) -> dict:
+    """Train ``cfg.student`` with ``cfg.distill``; returns a summary dict (metrics included).
+
+    ``cache``: the teacher cache (a path or URL, or an open ``TeacherCache``), None for
+    ``distill.method = "none"``. ``hooks``: callbacks into the loop (``sadpipe.engine.loop.Hooks``).
+    """
     out_dir = Path(out_dir)
-    dcfg, tcfg = cfg["distill"], cfg["student"]["train"]
-    method = dcfg["method"]
-    if method not in METHODS:
-        raise TrainingError(f"distill.method must be one of {', '.join(METHODS)}, got {method!r}")
-    if dcfg["normalizer"] not in ("adaptive", "foreground") or dcfg["variant"] not in ("paper", "released"):
-        raise TrainingError(f"distill.normalizer must be adaptive or foreground (got {dcfg['normalizer']!r}) and "
-                            f"distill.variant paper or released (got {dcfg['variant']!r})")
+    dcfg, tcfg = cfg.distill, cfg.student.train
+    method = dcfg.method
     dev = select_device(device)
     info = init_distributed(dev)
-    seed_everything(tcfg["seed"])
+    seed_everything(tcfg.seed)
+    log = print if info.is_main else (lambda *_: None)
 
     # -- the student, and the cache it must fit
-    train_src = labeled_source(cfg, "train")
+    train_src = labeled_source(cfg.data, "train")
     student = build_model_for(cfg, "student", train_src.categories).to(dev)
-    bounded = dcfg["bounded_regression_weight"] > 0
+    bounded = dcfg.bounded_regression_weight > 0
     needs_cache = method != "none" or bounded
-    online = bool(dcfg["online_teacher"]) and (method in SOFT_LOSS or bounded)
-    cache = None
+    online = bool(dcfg.online_teacher) and (method in SOFT_LOSS or bounded)
     if needs_cache and not online:
-        if cache_path is None:
+        if cache is None:
             raise TrainingError(f"distill.method={method}" + (" with distill.bounded_regression_weight > 0" if bounded else "")
                                 + " needs a teacher cache: pass --cache STORE (made by sadpipe dump-teacher), "
                                 "or --set distill.method=none")
-        cache = TeacherCache(cache_path)
-        cache.check_compatible(layout=student.layout.to_dict(), category_ids=student.spec["category_ids"],
-                               class_names=student.spec["class_names"], preprocessing=student.preprocess.to_dict())
+        cache = open_cache(cache, student)
         if bounded and not cache.metadata["with_box_regression"]:
             raise TrainingError(f"distill.bounded_regression_weight > 0 needs the teacher's box regression, which "
                                 f"the cache {cache.path} does not keep: re-dump with `sadpipe dump-teacher "
                                 "--with-box-regression`, or set distill.bounded_regression_weight=0")
-    teacher = load_detector(dcfg["online_teacher"]).to(dev).eval() if online else None
+    else:
+        cache = None
+    teacher = load_detector(dcfg.online_teacher).to(dev).eval() if online else None
 
     # -- data: a labeled stream and (SAD, data distillation) a mixed labeled + unlabeled stream
-    mix = dcfg["unlabeled_mix"] if method in USES_UNLABELED else "labeled_only"
-    flip = tcfg["hflip"]
+    flip = tcfg.hflip
     if cache is not None and flip and "hflip" not in cache.views:
         print("note: the cache has no hflip view; flipped images train without distillation")
-    pseudo = dcfg["pseudo_score_thresh"] if (method == "data_distillation" or dcfg["pseudo_labels"]) else None
-    labeled_ids = join_cache(cfg, train_src.images, cache, "labeled", keep_missing=True,
-                             log=print if info.is_main else (lambda *_: None))
+    pseudo = dcfg.pseudo_score_thresh if uses_pseudo_labels(dcfg) else None
+    labeled_ids = join_cache(cfg.data, train_src.images, cache, "labeled", keep_missing=True, log=log)
 
     def labeled_dataset() -> WithTeacher:
         # one instance per stream: a stream's set_epoch (flip decisions) must not reach the other stream
         return WithTeacher(DetectionDataset(train_src, student.preprocess, image_ids=labeled_ids, hflip=flip,
-                                            seed=tcfg["seed"]), cache, pseudo, box_regression=bounded)
+                                            seed=tcfg.seed), cache, pseudo, box_regression=bounded)
 
-    labeled = labeled_dataset()
-    loader_kw = dict(collate_fn=collate, num_workers=tcfg["num_workers"], worker_init_fn=seed_worker,
+    loader_kw = dict(collate_fn=collate, num_workers=tcfg.num_workers, worker_init_fn=seed_worker,
                      pin_memory=dev.type == "cuda")
-    streams = [Stream(labeled, batch_size=tcfg["batch_size"], seed=tcfg["seed"], info=info, loader_kw=loader_kw)]
-    if mix == "alternate":
-        unl_src = unlabeled_source(cfg)
+    streams = [Stream(labeled_dataset(), batch_size=tcfg.batch_size, seed=tcfg.seed, info=info, loader_kw=loader_kw)]
+    if method in USES_UNLABELED and dcfg.unlabeled_mix == "alternate":
+        unl_src = unlabeled_source(cfg.data)
         if unl_src is None:
             raise TrainingError(f"distill.method={method} needs unlabeled images: set data.unlabeled_images")
-        unl_ids = join_cache(cfg, unl_src.images, cache, "unlabeled", keep_missing=False,
-                             log=print if info.is_main else (lambda *_: None))
+        unl_ids = join_cache(cfg.data, unl_src.images, cache, "unlabeled", keep_missing=False, log=log)
         # unlabeled images are flipped only when the cache has their flipped view (they have nothing else to learn)
         unl_flip = flip and (cache is None or "hflip" in cache.views)
         unlabeled = WithTeacher(DetectionDataset(unl_src, student.preprocess, image_ids=unl_ids, hflip=unl_flip,
-                                                 seed=tcfg["seed"]), cache, pseudo, box_regression=bounded)
-        streams.append(Stream(ConcatWithEpoch([labeled_dataset(), unlabeled]), batch_size=tcfg["batch_size"],
-                              seed=tcfg["seed"] + 1, info=info, loader_kw=loader_kw))
-    elif mix != "labeled_only":
-        raise TrainingError(f"distill.unlabeled_mix must be alternate or labeled_only, got {mix!r}")
-    if dcfg["shard_window"] and cache is not None:  # shard-local order, whole cache shards read ahead
-        from .shard_sampler import use_shard_order
+                                                 seed=tcfg.seed), cache, pseudo, box_regression=bounded)
+        streams.append(Stream(ConcatWithEpoch([labeled_dataset(), unlabeled]), batch_size=tcfg.batch_size,
+                              seed=tcfg.seed + 1, info=info, loader_kw=loader_kw))
+    if dcfg.shard_window and cache is not None:  # shard-local order, whole cache shards read ahead
         for stream in streams:
-            use_shard_order(stream, cache, window=dcfg["shard_window"], info=info)
-    total_steps = max_steps or tcfg["max_steps"] or tcfg["epochs"] * streams[0].per_epoch * len(streams)
+            use_shard_order(stream, cache, window=dcfg.shard_window, info=info)
 
     code_table = cache.code_table.to(dev) if cache is not None else None
 
     def loss_fn(net, batch, anchors):
-        return batch_loss(net, batch, anchors, cfg, dev, teacher, code_table)
+        return batch_loss(net, batch, anchors, dcfg, tcfg, dev, teacher, code_table)
 
-    run = RunSpec(out_dir=out_dir, cfg=cfg, train_cfg=tcfg, streams=streams, loss_fn=loss_fn,
-                  evaluate=val_evaluator(cfg, dev, tcfg["batch_size"]) if evaluate else None,
-                  total_steps=total_steps, tag=f"student/{method}", extra={"role": "student", "method": method})
-    return fit(student, run, dev, info, resume=resume)
+    run = RunSpec(out_dir=out_dir, resolved=cfg.resolved, train=tcfg, streams=streams, loss_fn=loss_fn,
+                  evaluate=val_evaluator(cfg, dev, tcfg.batch_size) if evaluate else None,
+                  total_steps=total_steps(streams, tcfg.epochs, tcfg.max_steps, max_steps), tag=f"student/{method}",
+                  extra={"role": "student", "method": method})
+    return fit(student, run, dev, info, resume=resume, hooks=hooks)
