@@ -135,7 +135,7 @@ def table(results: list[dict], teacher_ap: float | None) -> str:
         aps = [100 * runs[s]["metrics"]["AP"] for s in sorted(runs)]
         ap50 = [100 * runs[s]["metrics"]["AP50"] for s in sorted(runs)]
         diff = [100 * (runs[s]["metrics"]["AP"] - alone[s]["metrics"]["AP"]) for s in sorted(runs) if s in alone]
-        pct = f"{statistics.mean(aps) / teacher_ap:.1f}" if teacher_ap else "-"
+        pct = f"{100 * statistics.mean(aps) / teacher_ap:.0f} %" if teacher_ap else "-"
         lines.append(f"| {method} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | "
                      f"{'-' if method == 'student alone' else mean_std(diff)} | {pct} |")
     return "\n".join(lines)
