@@ -196,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also train the sweep grid on the tuning hold-out")
     ap.add_argument("--report-only", action="store_true", help="write the report from finished runs, train nothing")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
+    ap.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                    help="an override for the methods whose name contains METHOD (e.g. the sweep's choice: "
+                         "'ADL:distill.loss_weight=2'), table and online runs; repeatable")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained side by side")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="cpu")
@@ -211,10 +214,19 @@ def main(argv=None) -> int:
     def expand(sets: list[str]) -> list[str]:
         return [x for s in sets for x in (teacher_model_overrides(args.teacher) if s == "SELF" else [s])]
 
+    def chosen(method: str) -> list[str]:
+        out = []
+        for item in args.method_set:
+            name, _, assignment = item.partition(":")
+            if not assignment:
+                raise SystemExit(f"--method-set wants METHOD:KEY=VALUE, got {item!r}")
+            out += [assignment] if name in method else []
+        return out
+
     # every run the options can name; the report shows all finished ones, training takes the picked ones
-    table_runs = [Run(work, m, seed, expand(sets)) for seed in seeds for m, sets in METHODS.items()]
+    table_runs = [Run(work, m, seed, expand(sets) + chosen(m)) for seed in seeds for m, sets in METHODS.items()]
     online_runs = [Run(work, f"{m}, online teacher", seed,
-                       expand(METHODS[m]) + [f"distill.online_teacher={json.dumps(str(args.teacher.resolve()))}"],
+                       expand(METHODS[m]) + chosen(m) + [f"distill.online_teacher={json.dumps(str(args.teacher.resolve()))}"],
                        group="online")
                    for seed in seeds for m in ONLINE]
     sweep_runs = [Run(work, m, 0, expand(METHODS[m]) + sets + ["data.tune_holdout=0.2"], group="sweep", label=label)
