@@ -108,7 +108,7 @@ DEFAULTS: dict = {
         "unlabeled_mix": "alternate",  # alternate labeled / mixed batches (released code) | labeled_only
         "pseudo_labels": False,  # add focal/box losses on unlabeled images against the teacher's detections
         "pseudo_score_thresh": 0.5,
-        # Chen et al. 2017 baselines (docs/method.md, section "Chen et al.'s baselines"):
+        # Chen et al. 2017 baselines (docs/method.md, section "Chen et al.'s baselines in a sigmoid head"):
         "hard_weight": 0.5,      # weighted_ce: mu in mu * hard + (1 - mu) * soft classification loss
         "background_weight": 1.5,  # weighted_ce: w_0 on the "not this class" side of each entry
         "bounded_regression_weight": 0.0,  # nu of the teacher-bounded regression loss (0: off; Chen: 0.5)

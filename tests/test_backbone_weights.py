@@ -130,7 +130,7 @@ def test_weights_with_identity_bn_statistics_are_refused(coco_like_root, tmp_pat
 
 
 def test_what_is_not_refused(coco_like_root, tmp_path, tiny_cfg):
-    categories = labeled_source(_coco_cfg(coco_like_root), "train").categories
+    categories = labeled_source(_coco_cfg(coco_like_root).data, "train").categories
     # the explicit opt-in
     cfg = _coco_cfg(coco_like_root, "student.model.allow_random_backbone=true")
     random_model = build_model_for(cfg, "student", categories)
@@ -144,9 +144,9 @@ def test_what_is_not_refused(coco_like_root, tmp_path, tiny_cfg):
     # trainable BatchNorm (toy pipeline: the teacher is a ResNet-18 with bn, the student tiny)
     toy = load_settings(REPO / "pipelines" / "toy.toml", tiny_overrides(tiny_cfg.data.root) +
                       ['teacher.model.arch="resnet18"'])
-    assert toy["teacher"]["model"]["backbone_norm"] == "bn" and not toy["teacher"]["model"]["backbone_weights"]
+    assert toy.teacher.model.backbone_norm == "bn" and not toy.teacher.model.backbone_weights
     for role in ("teacher", "student"):
-        build_model_for(toy, role, labeled_source(toy, "train").categories)
+        build_model_for(toy, role, labeled_source(toy.data, "train").categories)
     # a trained sadpipe checkpoint is loaded as it is, whatever its BatchNorm statistics
     path = save_checkpoint(tmp_path / "random_frozen.pt", random_model)
     loaded = load_detector(path)
