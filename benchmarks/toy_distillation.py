@@ -82,15 +82,12 @@ class Run:
         return (self.dir / "eval.json").is_file()
 
     def result(self) -> dict:
-        evals = []
-        for line in (self.dir / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if "eval" in r:
-                evals.append((r["step"], r["eval"]["AP"]))
+        log = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line]
         final = json.loads((self.dir / "eval.json").read_text())["metrics"]
-        last_step = max((json.loads(x)["step"] for x in (self.dir / "metrics.jsonl").read_text().splitlines()), default=0)
-        evals.append((last_step, final["AP"]))
-        return {"method": self.method, "label": self.label, "seed": self.seed, "metrics": final, "curve": evals}
+        # the periodic evaluations, then the final one at the last step
+        curve = [(r["step"], r["eval"]["AP"]) for r in log if "eval" in r]
+        curve.append((max((r["step"] for r in log), default=0), final["AP"]))
+        return {"method": self.method, "label": self.label, "seed": self.seed, "metrics": final, "curve": curve}
 
 
 def train(run: Run, args, base_sets: list[str]) -> None:
@@ -147,11 +144,12 @@ def online_table(results: list[dict]) -> str:
     lines = ["| method | seeds | online - cached (mAP, paired) | std of the cached runs over seeds |", "|---|---|---|---|"]
     for m in ONLINE:
         seeds = sorted(seed for (name, seed) in by if name == f"{m}, online teacher" and (m, seed) in by)
-        if seeds:
-            diff = [by[(f"{m}, online teacher", s)] - by[(m, s)] for s in seeds]
-            cached = [by[(m, s)] for s in sorted(s for (name, s) in by if name == m)]
-            lines.append(f"| {m} | {len(seeds)} | {mean_std(diff)} | "
-                         f"{statistics.stdev(cached):.2f} |" if len(cached) > 1 else f"| {m} | {len(seeds)} | {mean_std(diff)} | - |")
+        if not seeds:
+            continue
+        diff = [by[(f"{m}, online teacher", s)] - by[(m, s)] for s in seeds]
+        cached = [v for (name, _), v in by.items() if name == m]
+        spread = f"{statistics.stdev(cached):.2f}" if len(cached) > 1 else "-"
+        lines.append(f"| {m} | {len(seeds)} | {mean_std(diff)} | {spread} |")
     return "\n".join(lines)
 
 

@@ -84,13 +84,13 @@ def test_bounded_regression_term_equals_a_hand_computation(toy_root, margin):
 
 @pytest.fixture(scope="module")
 def stores(toy_root, tmp_path_factory):
-    """One teacher dumped twice (orig view, 24 images): with and without its box regression."""
+    """One teacher (its checkpoint) dumped twice (orig view, 24 images): with and without its box regression."""
     base = tmp_path_factory.mktemp("chen")
     cfg = _cfg(toy_root)
     torch.manual_seed(0)
     teacher = build_model_for(cfg, "teacher", labeled_source(cfg.data, "train").categories)
     path = save_checkpoint(base / "teacher.pt", teacher)
-    out = {}
+    out = {"teacher": path}
     for name, box in (("with_box", True), ("without_box", False)):
         out[name] = base / f"{name}.zarr"
         dump_teacher(cfg, path, out[name], device="cpu", views=("orig",), with_box_regression=box, limit=24,
@@ -98,13 +98,22 @@ def stores(toy_root, tmp_path_factory):
     return out
 
 
-def test_cached_teacher_deltas_are_the_dumped_ones(toy_root, stores):
+def test_cached_teacher_deltas_are_the_teachers(toy_root, stores):
     from sadpipe.cache.reader import TeacherCache
+    from sadpipe.data.dataset import DetectionDataset
+    from sadpipe.models import load_detector
     cache = TeacherCache(stores["with_box"])
     image_id = cache.ok_image_ids()[0]
     box = cache.get_box_regression(image_id)
-    # the dense record's float32 box regression is the same float16 values
-    assert box.dtype == torch.float16
+    # the teacher's own deltas on the image (toy images: one 128x128 canvas), stored as float16
+    teacher = load_detector(stores["teacher"]).eval()
+    src = labeled_source(_cfg(toy_root).data, "train")
+    sample = DetectionDataset(src, teacher.preprocess, image_ids=[image_id])[0]
+    with torch.no_grad():
+        live = teacher(sample["image"][None])[1][0]
+    assert box.dtype == torch.float16 and box.shape == live.shape
+    torch.testing.assert_close(box.float(), live, atol=2e-3, rtol=2e-3)  # float16 rounding: ~1e-3 relative
+    # the dense record's float32 box regression is the same values
     assert torch.equal(box.float(), cache.get(image_id).box_regression)
     with pytest.raises(Exception, match="--with-box-regression"):
         TeacherCache(stores["without_box"]).get_box_regression(image_id)
