@@ -1,12 +1,13 @@
-"""How faithfully decoded teacher logits reproduce the ADL training signal, and what they cost.
+"""How faithfully decoded teacher logits reproduce the distillation signal, and what they cost.
 
-Two measurements, used by ``benchmarks/codec_fidelity.py`` and the codec tests:
+Two measurements, used by ``benchmarks/codec_fidelity.py``, ``sadpipe cache fidelity`` and the
+codec tests:
 
-- :func:`adl_fidelity` compares the normalised Adaptive Distillation Loss (docs/method.md,
-  section "Adaptive Distillation Loss") computed with decoded teacher logits against the same
-  loss with the exact teacher logits, for a
-  given student: relative error of the loss, cosine between the two gradients with respect to the
-  student logits, and relative error of the adaptive normaliser ``max(1, sum q**power)``.
+- :func:`distill_fidelity` compares a normalised soft loss (ADL, plain KD or Chen et al.'s
+  weighted soft cross-entropy) computed with decoded teacher logits against the same loss with
+  the exact teacher logits, for a given student: relative error of the loss, cosine and relative
+  error of the gradient with respect to the student logits, and relative error of the adaptive
+  normaliser ``max(1, sum q**power)``. :func:`adl_fidelity` is its ADL case.
 - :func:`codec_size_report` measures the bytes the cache store spends on a codec's codes: one zstd
   frame per image (the store writes one zarr inner chunk per image, zstd at ``codec.zstd_level``
   plus a 4-byte crc32c), and the encode / decode wall time per image.
@@ -27,11 +28,87 @@ from .codec import as_code_array
 CRC32C_BYTES = 4
 
 
-def _normalised_adl(student_logits, teacher_logits, *, beta, gamma, power, variant, adl_fn, normalizer_fn):
-    """(loss, normaliser) for one batch: sum(ADL) / max(1, sum q**power); float64 scalars."""
-    loss_sum = adl_fn(student_logits, teacher_logits, beta=beta, gamma=gamma, reduction="none", variant=variant).sum()
-    normaliser = normalizer_fn(teacher_logits, power=power)
-    return loss_sum / normaliser, normaliser
+def distillation_losses(beta: float = 1.0, gamma: float = 2.0, variant: str = "paper",
+                        background_weight: float = 1.5) -> dict[str, Callable]:
+    """The per-entry soft losses a store feeds, by the ``distill.method`` that uses them:
+    ``adl`` (ADL with ``beta``, ``gamma``, ``variant``; SAD uses it too), ``kd`` (plain binary KD,
+    temperature 1) and ``weighted_ce`` (Chen et al.'s weighted soft cross-entropy). Each maps
+    (student logits, teacher logits) of one shape to per-entry losses of that shape."""
+    from sadpipe import losses
+
+    return {
+        "adl": lambda s, t: losses.adaptive_distillation_loss(s, t, beta=beta, gamma=gamma, variant=variant),
+        "kd": lambda s, t: losses.binary_kd_loss(s, t),
+        "weighted_ce": lambda s, t: losses.weighted_soft_cross_entropy(s, t, background_weight=background_weight),
+    }
+
+
+def distill_fidelity(
+    student_logits: torch.Tensor,
+    exact_teacher_logits: torch.Tensor,
+    decoded_teacher_logits: torch.Tensor,
+    loss_fn: Callable,
+    *,
+    power: float = 1.8,
+    normalizer_fn: Callable | None = None,
+) -> dict:
+    """Fidelity of decoded teacher logits against exact ones for one soft loss and one student batch.
+
+    The loss is the one training minimises: ``L = sum(loss_fn(z_s, z_t)) / max(1, sum q**power)``
+    (the adaptive normaliser, ``sadpipe.losses.adaptive_normalizer``).
+
+    Args:
+        student_logits: float ``[B, A, K]`` (any shape ``[..., K]`` works).
+        exact_teacher_logits: float, same shape: the teacher's logits as computed.
+        decoded_teacher_logits: float, same shape: the logits after encode + decode.
+        loss_fn: per-entry soft loss, e.g. a value of :func:`distillation_losses`.
+        power: exponent of the adaptive normaliser (1.8 in the released code).
+        normalizer_fn: override ``sadpipe.losses.adaptive_normalizer`` (same signature); for tests.
+
+    Everything is computed in float64 so that cosines near 1 are not limited by rounding.
+
+    Returns:
+        dict with float values
+        ``loss_rel_error`` = |L_dec - L_exact| / |L_exact|,
+        ``grad_cosine`` = cos(dL_dec/dz_s, dL_exact/dz_s) over all entries (1.0 when both are zero),
+        ``grad_rel_error`` = |dL_dec/dz_s - dL_exact/dz_s| / |dL_exact/dz_s| (0.0 when both are zero),
+        ``normalizer_rel_error`` = |N_dec - N_exact| / N_exact,
+        plus ``loss_exact``, ``loss_decoded`` and ``loss_signed_rel_error`` for reporting.
+    """
+    if normalizer_fn is None:
+        from sadpipe import losses
+
+        normalizer_fn = losses.adaptive_normalizer
+    shapes = {tuple(t.shape) for t in (student_logits, exact_teacher_logits, decoded_teacher_logits)}
+    if len(shapes) != 1:
+        raise ValueError(
+            "student, exact teacher and decoded teacher logits must have one shape, got "
+            f"{[tuple(t.shape) for t in (student_logits, exact_teacher_logits, decoded_teacher_logits)]}"
+        )
+    results = {}
+    for key, teacher in (("exact", exact_teacher_logits), ("decoded", decoded_teacher_logits)):
+        student = torch.as_tensor(student_logits).detach().to(torch.float64).requires_grad_(True)
+        teacher = torch.as_tensor(teacher).detach().to(torch.float64)
+        normaliser = normalizer_fn(teacher, power=power)
+        loss = loss_fn(student, teacher).sum() / normaliser
+        (grad,) = torch.autograd.grad(loss, student)
+        results[key] = (loss.item(), float(normaliser), grad.flatten())
+    loss_e, norm_e, grad_e = results["exact"]
+    loss_d, norm_d, grad_d = results["decoded"]
+    denom = grad_e.norm() * grad_d.norm()
+    cosine = 1.0 if float(denom) == 0.0 else float(grad_e @ grad_d / denom)
+    grad_err = float((grad_d - grad_e).norm())
+    grad_rel = (0.0 if grad_err == 0.0 else float("inf")) if float(grad_e.norm()) == 0.0 else grad_err / float(grad_e.norm())
+    signed = (loss_d - loss_e) / abs(loss_e) if loss_e != 0 else (0.0 if loss_d == 0 else float("inf"))
+    return {
+        "loss_rel_error": abs(signed),
+        "grad_cosine": cosine,
+        "grad_rel_error": grad_rel,
+        "normalizer_rel_error": abs(norm_d - norm_e) / norm_e,
+        "loss_exact": loss_e,
+        "loss_decoded": loss_d,
+        "loss_signed_rel_error": signed,
+    }
 
 
 def adl_fidelity(
@@ -46,58 +123,16 @@ def adl_fidelity(
     adl_fn: Callable | None = None,
     normalizer_fn: Callable | None = None,
 ) -> dict:
-    """ADL fidelity of decoded teacher logits against exact ones, for one student batch.
-
-    Args:
-        student_logits: float ``[B, A, K]`` (any shape ``[..., K]`` works).
-        exact_teacher_logits: float, same shape: the teacher's logits as computed.
-        decoded_teacher_logits: float, same shape: the logits after encode + decode.
-        beta, gamma, variant: ADL parameters (paper convention, see ``sadpipe.losses``).
-        power: exponent of the adaptive normaliser (1.8 in the released code).
-        adl_fn, normalizer_fn: override ``sadpipe.losses.adaptive_distillation_loss`` /
-            ``adaptive_normalizer`` (same signatures); for tests with a second formula.
-
-    Everything is computed in float64 so that cosines near 1 are not limited by rounding.
-
-    Returns:
-        dict with float values
-        ``loss_rel_error`` = |L_dec - L_exact| / |L_exact| with L = sum(ADL) / max(1, sum q**power),
-        ``grad_cosine`` = cos(dL_dec/dz_s, dL_exact/dz_s) over all entries (1.0 when both are zero),
-        ``normalizer_rel_error`` = |N_dec - N_exact| / N_exact,
-        plus ``loss_exact``, ``loss_decoded`` and ``loss_signed_rel_error`` for reporting.
-    """
-    if adl_fn is None or normalizer_fn is None:
-        from sadpipe import losses
-
-        adl_fn = adl_fn or losses.adaptive_distillation_loss
-        normalizer_fn = normalizer_fn or losses.adaptive_normalizer
-    shapes = {tuple(t.shape) for t in (student_logits, exact_teacher_logits, decoded_teacher_logits)}
-    if len(shapes) != 1:
-        raise ValueError(
-            "student, exact teacher and decoded teacher logits must have one shape, got "
-            f"{[tuple(t.shape) for t in (student_logits, exact_teacher_logits, decoded_teacher_logits)]}"
-        )
-    kwargs = dict(beta=beta, gamma=gamma, power=power, variant=variant, adl_fn=adl_fn, normalizer_fn=normalizer_fn)
-    results = {}
-    for key, teacher in (("exact", exact_teacher_logits), ("decoded", decoded_teacher_logits)):
-        student = torch.as_tensor(student_logits).detach().to(torch.float64).requires_grad_(True)
-        teacher = torch.as_tensor(teacher).detach().to(torch.float64)
-        loss, normaliser = _normalised_adl(student, teacher, **kwargs)
-        (grad,) = torch.autograd.grad(loss, student)
-        results[key] = (loss.item(), float(normaliser), grad.flatten())
-    loss_e, norm_e, grad_e = results["exact"]
-    loss_d, norm_d, grad_d = results["decoded"]
-    denom = grad_e.norm() * grad_d.norm()
-    cosine = 1.0 if float(denom) == 0.0 else float(grad_e @ grad_d / denom)
-    signed = (loss_d - loss_e) / abs(loss_e) if loss_e != 0 else (0.0 if loss_d == 0 else float("inf"))
-    return {
-        "loss_rel_error": abs(signed),
-        "grad_cosine": cosine,
-        "normalizer_rel_error": abs(norm_d - norm_e) / norm_e,
-        "loss_exact": loss_e,
-        "loss_decoded": loss_d,
-        "loss_signed_rel_error": signed,
-    }
+    """:func:`distill_fidelity` of the normalised ADL (docs/method.md, section "Adaptive
+    Distillation Loss") with ``beta``, ``gamma``, ``variant``; ``adl_fn`` overrides
+    ``sadpipe.losses.adaptive_distillation_loss`` (same signature), for tests with a second formula."""
+    if adl_fn is None:
+        loss_fn = distillation_losses(beta=beta, gamma=gamma, variant=variant)["adl"]
+    else:
+        def loss_fn(s, t):
+            return adl_fn(s, t, beta=beta, gamma=gamma, reduction="none", variant=variant)
+    return distill_fidelity(student_logits, exact_teacher_logits, decoded_teacher_logits, loss_fn, power=power,
+                            normalizer_fn=normalizer_fn)
 
 
 def compressed_image_bytes(codes_one_image, zstd_level: int) -> int:

@@ -8,9 +8,12 @@ padded alone as the dump does. For every stored view it reports
   mismatched store: zarr recomputes checksums on write, so ``verify`` cannot see codes
   rewritten through zarr, this can);
 - the max / mean absolute error in q = sigmoid(logit) of the decoded store logits;
-- the ADL fidelity (``sadpipe.cache.fidelity.adl_fidelity``) of the decoded logits against
-  the exact ones, for a freshly initialised student and optionally a trained student
-  checkpoint, over the whole sample as one batch, plus the worst single image;
+- the fidelity of the training signal (``sadpipe.cache.fidelity.distill_fidelity``) for each soft
+  loss a store feeds (ADL, plain KD, Chen et al.'s weighted soft cross-entropy): decoded logits
+  against the exact ones, for a freshly initialised student and optionally a trained student
+  checkpoint, over the whole sample as one batch, plus the worst single image. A trained student
+  matters: its background p sits near the teacher's q, where the codec's background bin (one
+  value per image below its floor) moves plain KD's gradient most;
 - bits per value of the stored codes (``store_info``).
 """
 
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sadpipe.cache.fidelity import adl_fidelity
+from sadpipe.cache.fidelity import distill_fidelity, distillation_losses
 from sadpipe.cache.format import StoreMismatchError
 from sadpipe.cache.store_report import store_info
 from sadpipe.cache.reader import TeacherCache
@@ -69,15 +72,17 @@ def store_fidelity(store_path, teacher_path, cfg=None, *, images: int = 16,
         store_path: a finished teacher cache. teacher_path: the checkpoint it was dumped from
             (its sha256 must be the one in the store).
         cfg: a ``settings.PipelineConfig`` or None; gives the fresh student's architecture
-            (``student.model``) and the ADL settings (``distill.beta/gamma/variant/normalizer_power``).
+            (``student.model``) and the loss settings (``distill.beta/gamma/variant/normalizer_power/
+            background_weight``); None: the paper's.
         images: sample size; seed: sample and fresh-student seed.
         student_path: optional trained student checkpoint (must match the store's anchors/classes).
 
     Returns:
-        dict: ``store``, ``teacher``, ``image_ids``, ``adl`` (settings used) and per view
+        dict: ``store``, ``teacher``, ``image_ids``, ``adl`` and ``background_weight`` (settings used) and per view
         ``views[v]`` = {``entries``, ``code_mismatch_fraction``, ``max_abs_q_error``,
-        ``mean_abs_q_error``, ``bits_per_value``, ``students``: {name: adl_fidelity dict +
-        ``worst_image_grad_cosine``, ``worst_image_id``}}.
+        ``mean_abs_q_error``, ``bits_per_value``, ``students``: {student name: {loss name
+        (``adl``, ``kd``, ``weighted_ce``): distill_fidelity dict + ``worst_image_grad_cosine``,
+        ``worst_image_id``}}}.
     """
     from sadpipe.data.images import read_image
     from sadpipe.engine.device import select_device
@@ -104,17 +109,22 @@ def store_fidelity(store_path, teacher_path, cfg=None, *, images: int = 16,
         cache.check_compatible(layout=student.layout.to_dict(), category_ids=student.spec["category_ids"],
                                preprocessing=student.preprocess.to_dict())
         students[Path(student_path).name] = student
-    if cfg is None:  # the paper's settings
+    if cfg is None:  # the paper's settings (Chen et al.'s w0 = 1.5)
         adl = {"beta": 1.0, "gamma": 2.0, "variant": "paper", "power": 1.8}
+        background_weight = 1.5
     else:
         d = cfg.distill
         adl = {"beta": d.beta, "gamma": d.gamma, "variant": d.variant, "power": d.normalizer_power}
+        background_weight = d.background_weight
+    loss_fns = distillation_losses(beta=adl["beta"], gamma=adl["gamma"], variant=adl["variant"],
+                                   background_weight=background_weight)
 
     # images are found under this run's data root when a config is given, else under the dump's
     data_root = (cfg.data.root if cfg is not None else "") or None
     ids = _sample_ids(cache, images, seed)
     info = store_info(cache.path)
-    out = {"store": str(cache.path), "teacher": str(teacher_path), "image_ids": ids, "adl": adl, "views": {}}
+    out = {"store": str(cache.path), "teacher": str(teacher_path), "image_ids": ids, "adl": adl,
+           "background_weight": background_weight, "views": {}}
     for view in cache.views:
         exact, decoded, student_logits = [], [], {name: [] for name in students}
         mismatched = entries = 0
@@ -136,10 +146,12 @@ def store_fidelity(store_path, teacher_path, cfg=None, *, images: int = 16,
         q_err = (torch.sigmoid(torch.cat(decoded).double()) - torch.sigmoid(torch.cat(exact).double())).abs()
         per_student = {}
         for name, logits in student_logits.items():
-            f = adl_fidelity(torch.cat(logits), torch.cat(exact), torch.cat(decoded), **adl)
-            worst = min(((adl_fidelity(s, e, q, **adl)["grad_cosine"], i)
-                         for s, e, q, i in zip(logits, exact, decoded, ids)), key=lambda t: t[0])
-            per_student[name] = {**f, "worst_image_grad_cosine": worst[0], "worst_image_id": worst[1]}
+            per_student[name] = {}
+            for loss_name, loss_fn in loss_fns.items():
+                f = distill_fidelity(torch.cat(logits), torch.cat(exact), torch.cat(decoded), loss_fn, power=adl["power"])
+                worst = min(((distill_fidelity(s, e, q, loss_fn, power=adl["power"])["grad_cosine"], i)
+                             for s, e, q, i in zip(logits, exact, decoded, ids)), key=lambda t: t[0])
+                per_student[name][loss_name] = {**f, "worst_image_grad_cosine": worst[0], "worst_image_id": worst[1]}
         out["views"][view] = {
             "entries": entries, "code_mismatch_fraction": mismatched / max(1, entries),
             "max_abs_q_error": float(q_err.max()), "mean_abs_q_error": float(q_err.mean()),
@@ -153,16 +165,19 @@ def format_fidelity(d: dict) -> str:
     n = len(d["image_ids"])
     adl = d["adl"]
     lines = [f"teacher cache {d['store']} vs teacher {d['teacher']} recomputed live on {n} images",
-             f"ADL beta={adl['beta']} gamma={adl['gamma']} variant={adl['variant']} normaliser power={adl['power']}",
+             f"ADL beta={adl['beta']} gamma={adl['gamma']} variant={adl['variant']} normaliser power={adl['power']}; "
+             f"KD at temperature 1; weighted soft CE with background weight {d['background_weight']}",
              "",
-             "| view | bits/value | codes differing | max abs q error | mean abs q error | student "
-             "| loss rel err | grad cosine | worst image cosine | normaliser rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| view | bits/value | codes differing | max abs q error | mean abs q error | student | loss "
+             "| loss rel err | grad cosine | grad rel err | worst image cosine | normaliser rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for view, v in d["views"].items():
         bits = "n/a" if v["bits_per_value"] is None else f"{v['bits_per_value']:.3f}"
-        for name, s in v["students"].items():
-            lines.append(
-                f"| {view} | {bits} | {100 * v['code_mismatch_fraction']:.4f} % | {v['max_abs_q_error']:.4f} "
-                f"| {v['mean_abs_q_error']:.2e} | {name} | {s['loss_rel_error']:.2e} | {s['grad_cosine']:.6f} "
-                f"| {s['worst_image_grad_cosine']:.6f} (id {s['worst_image_id']}) | {s['normalizer_rel_error']:.2e} |")
+        for name, per_loss in v["students"].items():
+            for loss_name, s in per_loss.items():
+                lines.append(
+                    f"| {view} | {bits} | {100 * v['code_mismatch_fraction']:.4f} % | {v['max_abs_q_error']:.4f} "
+                    f"| {v['mean_abs_q_error']:.2e} | {name} | {loss_name} | {s['loss_rel_error']:.2e} "
+                    f"| {s['grad_cosine']:.6f} | {s['grad_rel_error']:.2e} "
+                    f"| {s['worst_image_grad_cosine']:.6f} (id {s['worst_image_id']}) | {s['normalizer_rel_error']:.2e} |")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sadpipe.cache.codec import UniformProbabilityCodec
-from sadpipe.cache.fidelity import adl_fidelity, codec_size_report
+from sadpipe.cache.fidelity import adl_fidelity, codec_size_report, distill_fidelity, distillation_losses
 
 
 def _logsig(x):
@@ -66,6 +66,38 @@ def test_float32_inputs_are_measured_in_float64():
     _, g_d, _ = _adl_and_grad_numpy(student.float().double().numpy(), (teacher + 1e-3).float().double().numpy(), 1.0, 2.0, 1.8)
     cos = float(g_e.ravel() @ g_d.ravel() / (np.linalg.norm(g_e) * np.linalg.norm(g_d)))
     assert f["grad_cosine"] == pytest.approx(cos, abs=1e-12)
+
+
+def _kd_and_weighted_ce_grads_numpy(z_s, z_t, w0, power):
+    """Gradients w.r.t. z_s of the normalised plain KD and weighted soft CE, by hand (float64 numpy).
+
+    KD = KL(q||p): dKD/dz_s = p - q.
+    WCE = -(q log p + w0 (1-q) log(1-p)): dWCE/dz_s = -q (1-p) + w0 (1-q) p.
+    Both divided by N = max(1, sum q^power), which does not depend on z_s.
+    """
+    q, p = 1 / (1 + np.exp(-z_t)), 1 / (1 + np.exp(-z_s))
+    n = max(1.0, np.sum(q**power))
+    return (p - q) / n, (-q * (1 - p) + w0 * (1 - q) * p) / n
+
+
+def test_kd_and_weighted_ce_fidelity_match_closed_form_gradients():
+    student, teacher = _batch(seed=3)
+    # a background-only perturbation, as the codec's floor makes: only entries with q < 0.03 move
+    q = torch.sigmoid(teacher)
+    perturbed = torch.where(q < 0.03, teacher + 0.5, teacher)
+    fns = distillation_losses(background_weight=1.5)
+    g_kd_e, g_wce_e = _kd_and_weighted_ce_grads_numpy(student.numpy(), teacher.numpy(), 1.5, 1.8)
+    g_kd_d, g_wce_d = _kd_and_weighted_ce_grads_numpy(student.numpy(), perturbed.numpy(), 1.5, 1.8)
+    for name, g_e, g_d in (("kd", g_kd_e, g_kd_d), ("weighted_ce", g_wce_e, g_wce_d)):
+        f = distill_fidelity(student, teacher, perturbed, fns[name], power=1.8)
+        cos = float(g_e.ravel() @ g_d.ravel() / (np.linalg.norm(g_e) * np.linalg.norm(g_d)))
+        assert cos < 0.9999  # the perturbation is visible
+        assert f["grad_cosine"] == pytest.approx(cos, abs=1e-10)
+        assert f["grad_rel_error"] == pytest.approx(np.linalg.norm(g_d - g_e) / np.linalg.norm(g_e), rel=1e-8)
+    # ADL through the generic function is adl_fidelity
+    a = adl_fidelity(student, teacher, perturbed)
+    b = distill_fidelity(student, teacher, perturbed, fns["adl"])
+    assert a == b
 
 
 def test_shape_mismatch_raises():

@@ -48,7 +48,8 @@ def test_faithful_store_and_sample_from_both_splits(dumped):
     v = d["views"]["orig"]
     assert v["entries"] == 6 * 3069 * 6  # 128x128 images: 3069 anchors, 6 classes
     assert v["code_mismatch_fraction"] <= 1e-4
-    s = v["students"][FRESH_STUDENT]
+    assert set(v["students"][FRESH_STUDENT]) == {"adl", "kd", "weighted_ce"}
+    s = v["students"][FRESH_STUDENT]["adl"]
     assert s["grad_cosine"] > 0.999 and s["worst_image_grad_cosine"] > 0.99
     assert s["loss_rel_error"] < 0.02
     # the decoded q sits in the stored code's bin: error at most the widest bin (the 0.02 background bin)
@@ -80,7 +81,7 @@ def test_codes_zeroed_through_zarr_pass_verify_but_not_fidelity(dumped, tmp_path
     v, c = d["views"]["orig"], clean["views"]["orig"]
     # one image of 4 lost all its codes above background: a quarter-ish of entries are off
     assert v["code_mismatch_fraction"] > 0.05 > c["code_mismatch_fraction"]
-    s, sc = v["students"][FRESH_STUDENT], c["students"][FRESH_STUDENT]
+    s, sc = v["students"][FRESH_STUDENT]["adl"], c["students"][FRESH_STUDENT]["adl"]
     assert s["grad_cosine"] < sc["grad_cosine"] - 0.01
     assert s["worst_image_id"] == victim and s["worst_image_grad_cosine"] < 0.9
 
@@ -95,4 +96,4 @@ def test_other_teacher_and_trained_student(dumped, tmp_path):
     path = save_checkpoint(tmp_path / "student.pt", student)
     d = store_fidelity(store, teacher, None, images=2, student_path=path)
     assert set(d["views"]["orig"]["students"]) == {FRESH_STUDENT, "student.pt"}
-    assert d["views"]["orig"]["students"]["student.pt"]["grad_cosine"] > 0.99
+    assert d["views"]["orig"]["students"]["student.pt"]["adl"]["grad_cosine"] > 0.99
