@@ -133,7 +133,9 @@ def table(results: list[dict], teacher_ap: float | None) -> str:
         ap50 = [100 * runs[s]["metrics"]["AP50"] for s in sorted(runs)]
         diff = [100 * (runs[s]["metrics"]["AP"] - alone[s]["metrics"]["AP"]) for s in sorted(runs) if s in alone]
         pct = f"{100 * statistics.mean(aps) / teacher_ap:.0f} %" if teacher_ap else "-"
-        lines.append(f"| {method} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | "
+        label = next(iter(runs.values()))["label"]
+        name = f"{method} ({label})" if label else method
+        lines.append(f"| {name} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | "
                      f"{'-' if method == 'student alone' else mean_std(diff)} | {pct} |")
     return "\n".join(lines)
 
@@ -150,6 +152,34 @@ def online_table(results: list[dict]) -> str:
         cached = [v for (name, _), v in by.items() if name == m]
         spread = f"{statistics.stdev(cached):.2f}" if len(cached) > 1 else "-"
         lines.append(f"| {m} | {len(seeds)} | {mean_std(diff)} | {spread} |")
+    return "\n".join(lines)
+
+
+# the paper's claims (Tang et al. 2021, Table 1-3) as (claim, better method, other method)
+CLAIMS = [
+    ("KD > none", "plain KD", "student alone"),
+    ("ADL > KD", "ADL (labeled)", "plain KD"),
+    ("ADL > none", "ADL (labeled)", "student alone"),
+    ("SAD > ADL", "SAD (labeled + unlabeled)", "ADL (labeled)"),
+    ("SAD > data distillation", "SAD (labeled + unlabeled)", "data distillation"),
+]
+
+
+def claims_table(results: list[dict], teacher_ap: float | None) -> str:
+    """The paper's claims as paired (same-seed) differences of val mAP, and SAD against the teacher."""
+    by = {(r["method"], r["seed"]): 100 * r["metrics"]["AP"] for r in results}
+    lines = ["| claim | seeds | paired difference (mAP) | holds on every seed |", "|---|---|---|---|"]
+    for claim, better, other in CLAIMS:
+        seeds = sorted(seed for (name, seed) in by if name == better and (other, seed) in by)
+        if not seeds:
+            continue
+        diff = [by[(better, s)] - by[(other, s)] for s in seeds]
+        lines.append(f"| {claim} | {len(seeds)} | {mean_std(diff)} | {'yes' if min(diff) > 0 else 'no'} |")
+    sad = [v for (name, _), v in by.items() if name == "SAD (labeled + unlabeled)"]
+    if sad and teacher_ap:
+        gap = [v - teacher_ap for v in sad]
+        lines.append(f"| SAD student >= teacher ({teacher_ap:.2f}) | {len(sad)} | {mean_std(gap)} "
+                     f"| {'yes' if min(gap) >= 0 else 'no'} |")
     return "\n".join(lines)
 
 
@@ -189,14 +219,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, required=True, help="the teacher's cache (dump-teacher --with-box-regression)")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--only", default="", help="comma-separated method names (substring match)")
+    ap.add_argument("--only", default="", help="comma-separated method names (prefix match)")
     ap.add_argument("--online", action="store_true", help="also train KD / ADL / SAD with the live teacher")
     ap.add_argument("--sweep", action="store_true", help="also train the sweep grid on the tuning hold-out")
     ap.add_argument("--report-only", action="store_true", help="write the report from finished runs, train nothing")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
     ap.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                    help="an override for the methods whose name contains METHOD (e.g. the sweep's choice: "
-                         "'ADL:distill.loss_weight=2'), table and online runs; repeatable")
+                    help="an override for the methods whose name starts with METHOD (e.g. the sweep's choice: "
+                         "'ADL:distill.loss_weight=2'), table and online runs; it becomes part of the run's "
+                         "name and directory; repeatable")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained side by side")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="cpu")
@@ -207,7 +238,8 @@ def main(argv=None) -> int:
     base_sets = [f"data.root={json.dumps(str(Path(args.data_root).resolve()))}", *args.overrides]
 
     def picked(method: str) -> bool:
-        return not args.only or any(o.strip() and o.strip() in method for o in args.only.split(","))
+        # a prefix, so that "SAD" names SAD and not "self-distillation (teacher arch, SAD)"
+        return not args.only or any(o.strip() and method.startswith(o.strip()) for o in args.only.split(","))
 
     def expand(sets: list[str]) -> list[str]:
         return [x for s in sets for x in (teacher_model_overrides(args.teacher) if s == "SELF" else [s])]
@@ -218,14 +250,19 @@ def main(argv=None) -> int:
             name, _, assignment = item.partition(":")
             if not assignment:
                 raise SystemExit(f"--method-set wants METHOD:KEY=VALUE, got {item!r}")
-            out += [assignment] if name in method else []
+            out += [assignment] if method.startswith(name) else []
         return out
 
+    def chosen_label(method: str) -> str:
+        # the choices name the run (and its directory), so a run trained with other settings is never reused
+        return " ".join(a.removeprefix("distill.") for a in chosen(method))
+
     # every run the options can name; the report shows all finished ones, training takes the picked ones
-    table_runs = [Run(work, m, seed, expand(sets) + chosen(m)) for seed in seeds for m, sets in METHODS.items()]
+    table_runs = [Run(work, m, seed, expand(sets) + chosen(m), label=chosen_label(m))
+                  for seed in seeds for m, sets in METHODS.items()]
     online_runs = [Run(work, f"{m}, online teacher", seed,
                        expand(METHODS[m]) + chosen(m) + [f"distill.online_teacher={json.dumps(str(args.teacher.resolve()))}"],
-                       group="online")
+                       group="online", label=chosen_label(m))
                    for seed in seeds for m in ONLINE]
     sweep_runs = [Run(work, m, 0, expand(METHODS[m]) + sets + ["data.tune_holdout=0.2"], group="sweep", label=label)
                   for m, grid in SWEEP.items() for label, sets in grid]
@@ -244,6 +281,9 @@ def main(argv=None) -> int:
             + shlex.join(sys.argv[1:] if argv is None else argv) + "`\n\n"
             + (f"Teacher val mAP: {teacher_ap:.2f}\n\n" if teacher_ap else "")
             + table(results, teacher_ap) + "\n")
+    claims = claims_table(results, teacher_ap)
+    if claims.count("\n") > 1:
+        text += "\n## The paper's claims, paired by seed\n\n" + claims + "\n"
     if any(", online teacher" in r["method"] for r in results):
         text += "\n## The live teacher instead of the cache\n\n" + online_table(results) + "\n"
     if sweep:
