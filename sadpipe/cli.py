@@ -306,18 +306,18 @@ def train_student_cmd(cfg, cache, out, method, max_steps, resume, device):
               help="Also measure against this (partly trained) student checkpoint.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Pipeline TOML: its [student.model] builds the fresh student, [distill] sets beta/gamma "
-                   "(default: the teacher's architecture and the paper's settings).")
+                   "and the background weight (default: the teacher's architecture and the paper's settings).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a --config key.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image sample and the fresh student.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly_errors
 def cache_fidelity_cmd(store, teacher, images, student, config_path, overrides, seed, device, as_json):
-    """Recompute a sample of images with the teacher and compare the ADL signal of decoded vs exact logits.
+    """Recompute a sample of images with the teacher and compare the training signal of decoded vs exact logits.
 
-    Prints the loss relative error, the gradient cosine and the normaliser error, for a fresh
-    student and optionally a trained one, and the fraction of stored codes that differ from a
-    fresh encoding.
+    For ADL, plain KD and the weighted soft cross-entropy it prints the loss relative error, the
+    gradient cosine and relative error and the normaliser error, for a fresh student and
+    optionally a trained one, and the fraction of stored codes that differ from a fresh encoding.
 
     \b
     Example:
