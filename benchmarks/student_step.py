@@ -14,6 +14,10 @@ growth of the process's peak RSS (``ru_maxrss``) from just before ``train_studen
 machine is shared: modes are interleaved (rotated order) over ``--repeats`` rounds and the table
 shows medians over rounds, with the spread of the step time.
 
+With ``--compare-layout`` the rounds instead interleave modes (a) and (b) with the student's conv
+weights contiguous and channels-last (``student.train.channels_last``), and the table gives the
+channels-last step time as a fraction of the contiguous one.
+
 Example:
   python benchmarks/student_step.py --config pipelines/toy.toml --cache runs/toy_cache.zarr \\
       --teacher runs/toy_teacher/final.pt --steps 30 --set data.root=data/toy
@@ -70,16 +74,35 @@ def worker(args) -> dict:
     }
 
 
-def run_mode(args, mode: str) -> dict:
+def run_mode(args, mode: str, extra_sets: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--config", str(args.config), "--cache", str(args.cache),
            "--teacher", str(args.teacher), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--device", args.device]
-    for s in args.set:
+    for s in [*args.set, *extra_sets]:
         cmd += ["--set", s]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"mode {mode} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def compare_layout(args) -> None:
+    """Step time of (a) and (b) with the student's conv weights contiguous vs channels-last, interleaved."""
+    layouts = {"contiguous": ("student.train.channels_last=false",), "channels-last": ("student.train.channels_last=true",)}
+    runs = [(mode, layout) for mode in ("none", "sad") for layout in layouts]
+    step_ms: dict[tuple, list[float]] = {r: [] for r in runs}
+    for r in range(args.repeats):
+        for mode, layout in runs[r % len(runs):] + runs[:r % len(runs)]:
+            res = run_mode(args, mode, layouts[layout])
+            step_ms[(mode, layout)].append(res["step_ms"])
+            print(f"round {r + 1}/{args.repeats} {mode:5s} {layout:13s} {res['step_ms']:8.1f} ms/step", file=sys.stderr)
+    print(f"\nstudent step, {args.steps} timed steps x {args.repeats} rounds (medians), {args.threads} thread(s)")
+    print("| mode | contiguous ms/step | channels-last ms/step | channels-last / contiguous (per round, median) |")
+    print("|---|---|---|---|")
+    for mode in ("none", "sad"):
+        c, cl = step_ms[(mode, "contiguous")], step_ms[(mode, "channels-last")]
+        ratio = statistics.median(b / a for a, b in zip(c, cl))
+        print(f"| {LABELS[mode]} | {statistics.median(c):.1f} | {statistics.median(cl):.1f} | {ratio:.2f} |")
 
 
 def main() -> None:
@@ -93,10 +116,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (shared machine)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--compare-layout", action="store_true",
+                    help="time (a) and (b) with contiguous vs channels-last conv weights, side by side")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.compare_layout:
+        compare_layout(args)
         return
 
     results: dict[str, list[dict]] = {m: [] for m in MODES}

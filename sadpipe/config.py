@@ -54,6 +54,7 @@ _OPTIM = {
     "box_loss": "l1",            # l1 | smooth_l1 | giou
     "box_loss_weight": 1.0,
     "amp": True,                 # only on CUDA
+    "channels_last": True,       # conv weights channels-last: faster on CPU (oneDNN) and CUDA tensor cores
 }
 
 DEFAULTS: dict = {

@@ -148,6 +148,7 @@ class TrainConfig:
     box_loss: str
     box_loss_weight: float
     amp: bool
+    channels_last: bool
 
 
 @dataclass(frozen=True)

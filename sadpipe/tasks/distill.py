@@ -29,7 +29,7 @@ from .. import losses
 from ..cache.reader import TeacherCache
 from ..cache.targets import decode as decode_targets
 from ..data.dataset import DetectionDataset, collate, labeled_source, seed_worker, unlabeled_source
-from ..engine.device import autocast, move_to, seed_everything, select_device
+from ..engine.device import autocast, model_to, move_to, seed_everything, select_device
 from ..engine.distributed import init_distributed
 from ..engine.loop import BatchLoss, Hooks, RunSpec, fit
 from ..engine.streams import ConcatWithEpoch, Stream, total_steps
@@ -283,7 +283,7 @@ def train_student(cfg: PipelineConfig, cache: str | Path | TeacherCache | None, 
 
     # -- the student, and the cache it must fit
     train_src = labeled_source(cfg.data, "train")
-    student = build_model_for(cfg, "student", train_src.categories).to(dev)
+    student = model_to(build_model_for(cfg, "student", train_src.categories), dev, cfg.student.train.channels_last)
     bounded = dcfg.bounded_regression_weight > 0
     needs_cache = method != "none" or bounded
     online = bool(dcfg.online_teacher) and (method in SOFT_LOSS or bounded)
@@ -299,7 +299,7 @@ def train_student(cfg: PipelineConfig, cache: str | Path | TeacherCache | None, 
                                 "--with-box-regression`, or set distill.bounded_regression_weight=0")
     else:
         cache = None
-    teacher = load_detector(dcfg.online_teacher).to(dev).eval() if online else None
+    teacher = model_to(load_detector(dcfg.online_teacher), dev, cfg.student.train.channels_last).eval() if online else None
 
     # -- data: a labeled stream and (SAD, data distillation) a mixed labeled + unlabeled stream
     flip = tcfg.hflip

@@ -35,7 +35,7 @@ from ..config import save_resolved
 from ..data.coco import check_disjoint_ids
 from ..data.dataset import labeled_source, unlabeled_source
 from ..data.images import ImageReadError, read_image
-from ..engine.device import AnchorCache, autocast, select_device
+from ..engine.device import AnchorCache, autocast, model_to, select_device
 from ..engine.distributed import DistInfo, fail_together, init_distributed
 from ..engine.progress import progress_bar
 from ..errors import UserError
@@ -335,7 +335,7 @@ def dump_teacher(cfg: PipelineConfig, teacher_path: str | Path, out: str | Path,
     with_box_regression = d.with_box_regression if with_box_regression is None else with_box_regression
     layout, preprocess = cfg.geometry.layout, cfg.geometry.preprocess
 
-    teacher = load_detector(teacher_path).to(dev).eval()
+    teacher = model_to(load_detector(teacher_path), dev).eval()
     check_teacher(teacher, teacher_path, cfg, labeled_source(cfg.data, "train").categories)
     plan = build_plan(cfg, limit)
 

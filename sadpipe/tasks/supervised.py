@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..backbone_weights import check_pretrained_backbone
 from ..data.dataset import DetectionDataset, collate, labeled_source, seed_worker
-from ..engine.device import move_to, seed_everything, select_device
+from ..engine.device import model_to, move_to, seed_everything, select_device
 from ..engine.distributed import init_distributed
 from ..engine.loop import BatchLoss, Hooks, RunSpec, fit
 from ..engine.streams import Stream, total_steps
@@ -74,7 +74,7 @@ def train_detector(cfg: PipelineConfig, out_dir: str | Path, *, role: str = "tea
     seed_everything(tcfg.seed)
 
     train_source = labeled_source(cfg.data, "train")
-    model = build_model_for(cfg, role, train_source.categories).to(dev)
+    model = model_to(build_model_for(cfg, role, train_source.categories), dev, tcfg.channels_last)
     dataset = DetectionDataset(train_source, model.preprocess, hflip=tcfg.hflip, seed=tcfg.seed)
     stream = Stream(dataset, batch_size=tcfg.batch_size, seed=tcfg.seed, info=info,
                     loader_kw=dict(collate_fn=collate, num_workers=tcfg.num_workers, worker_init_fn=seed_worker,
