@@ -145,6 +145,10 @@ def _checked_value(path: str, default, value):
     return value
 
 
+# tables whose keys another module checks (the codec's parameters: sadpipe.cache.codec)
+FREE_FORM = {"dump.codec"}
+
+
 def _merge(base: dict, override: dict, where: str) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
@@ -154,8 +158,10 @@ def _merge(base: dict, override: dict, where: str) -> dict:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{path}' is a table, got {value!r}")
-            # an empty default table (dump.codec) is free-form: its keys belong to another module
-            out[key] = _merge(base[key], value, path) if base[key] else copy.deepcopy(value)
+            if path in FREE_FORM:  # its keys belong to another module; merged key by key, unchecked here
+                out[key] = {**base[key], **copy.deepcopy(value)}
+            else:
+                out[key] = _merge(base[key], value, path)
         else:
             out[key] = _checked_value(path, base[key], value)
     return out

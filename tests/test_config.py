@@ -63,6 +63,9 @@ def test_free_form_codec_table_from_a_file(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('[dump.codec]\nname = "binned_probability"\nbins = 7\n')
     assert load_config(path)["dump"]["codec"] == {"name": "binned_probability", "bins": 7}
+    # --set adds keys to the file's table one by one (a KD-grade cache: a lower floor)
+    cfg = load_config(path, ["dump.codec.floor=0.003", "dump.codec.log_ratio=0.25"])
+    assert cfg["dump"]["codec"] == {"name": "binned_probability", "bins": 7, "floor": 0.003, "log_ratio": 0.25}
 
 
 @pytest.mark.parametrize("assignment,message", [

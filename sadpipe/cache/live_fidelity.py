@@ -32,7 +32,7 @@ from sadpipe.cache.reader import TeacherCache
 FRESH_STUDENT = "fresh student"
 
 
-def _sample_ids(cache: TeacherCache, images: int, seed: int) -> list[int]:
+def sample_image_ids(cache: TeacherCache, images: int, seed: int) -> list[int]:
     """Up to ``images`` ok ids: half from each split (the other split fills a short one)."""
     rng = np.random.default_rng(seed)
     pools = {s: cache.ok_image_ids(s) for s in ("labeled", "unlabeled")}
@@ -121,7 +121,7 @@ def store_fidelity(store_path, teacher_path, cfg=None, *, images: int = 16,
 
     # images are found under this run's data root when a config is given, else under the dump's
     data_root = (cfg.data.root if cfg is not None else "") or None
-    ids = _sample_ids(cache, images, seed)
+    ids = sample_image_ids(cache, images, seed)
     info = store_info(cache.path)
     out = {"store": str(cache.path), "teacher": str(teacher_path), "image_ids": ids, "adl": adl,
            "background_weight": background_weight, "views": {}}
