@@ -53,11 +53,17 @@ def _friendly_errors(fn):
     """Turn the library's user-facing exceptions into one clear line and exit code 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import UserError
+        from .errors import UserError, credentials_message
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except Exception as e:
+            message = credentials_message(e)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
     return wrapper
 

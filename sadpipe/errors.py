@@ -20,3 +20,22 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class TrainingError(UserError, RuntimeError):
     """A training run cannot start or go on as asked (a refused resume, a loss that became NaN, ...)."""
+
+
+# botocore's credential errors, matched by name so that this module needs no botocore
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"}
+
+
+def credentials_message(error: BaseException) -> str | None:
+    """One line naming the fix when ``error`` (or its cause) is an object store's missing or partial
+    credentials (botocore, under s3fs), else None. The CLI prints it instead of the traceback."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(cls.__name__ in _CREDENTIAL_ERRORS for cls in type(error).__mro__):
+            return (f"no usable credentials for the object store ({error}). Set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run with an instance role); for an S3-compatible "
+                    "server also AWS_ENDPOINT_URL; for a public bucket SADPIPE_STORAGE_OPTIONS='{\"anon\": true}'. "
+                    "See docs/cache_format.md, section \"Where a store may live\".")
+        error = error.__cause__ or error.__context__
+    return None

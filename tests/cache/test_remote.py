@@ -237,3 +237,28 @@ def test_read_ahead_in_sampler_order_keeps_at_most_2w_plus_1_shards(tmp_path):
         assert torch.equal(a.deltas, b.deltas) and torch.equal(a.codes, b.codes)
         most = max(most, len(ahead._readers["views/orig/targets"]._shards))
     assert 2 <= most <= 5  # whole shards were used, never more than 2 * window + 1 held
+
+
+def test_missing_credentials_is_one_line_naming_the_fix(new_bucket, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    spec = make_spec(n=4, images_per_shard=4)
+    url = f"s3://{new_bucket}/c.zarr"
+    _finished(url, spec)
+    # the same server and store, a process without credentials (a fresh process: s3fs caches
+    # filesystems, and botocore their credentials, per process)
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                             "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env.update(AWS_EC2_METADATA_DISABLED="true")  # no instance-role lookup on 169.254.169.254
+    run = subprocess.run([sys.executable, "-m", "sadpipe", "cache", "info", url], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr
+    assert lines[0].startswith("error: no usable credentials") and "AWS_ACCESS_KEY_ID" in lines[0]
+    # with the credentials back the same command reads the store
+    ok = subprocess.run([sys.executable, "-m", "sadpipe", "cache", "info", url], capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
