@@ -56,6 +56,9 @@ SWEEP = {
     "data distillation": [(f"pseudo_score_thresh={t}", [f"distill.pseudo_score_thresh={t}"]) for t in (0.4, 0.6)],
 }
 
+# methods that use a swept method's loss, and so its chosen setting
+SWEEP_SHARED = {"ADL (labeled)": ["SAD (labeled + unlabeled)", "self-distillation (teacher arch, SAD)"]}
+
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_").replace("__", "_")
@@ -183,11 +186,25 @@ def claims_table(results: list[dict], teacher_ap: float | None) -> str:
     return "\n".join(lines)
 
 
+def sweep_choices(results: list[dict]) -> dict[str, dict]:
+    """Per swept method, its run with the best hold-out mAP."""
+    best: dict[str, dict] = {}
+    for r in results:
+        if r["method"] not in best or r["metrics"]["AP"] > best[r["method"]]["metrics"]["AP"]:
+            best[r["method"]] = r
+    return best
+
+
 def sweep_table(results: list[dict]) -> str:
+    best = sweep_choices(results)
     lines = ["| method | setting | hold-out mAP (%) |", "|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['label']} | {100 * r['metrics']['AP']:.2f} |")
-    return "\n".join(lines)
+        mark = " (best)" if best[r["method"]] is r else ""
+        lines.append(f"| {r['method']} | {r['label']}{mark} | {100 * r['metrics']['AP']:.2f} |")
+    # the table and online runs take the best settings with --method-set METHOD:KEY=VALUE
+    flags = [f"--method-set '{name}:{o}'" for m, r in best.items() for label, sets in SWEEP[m] if label == r["label"]
+             for o in sets for name in [m, *SWEEP_SHARED.get(m, [])]]
+    return "\n".join(lines) + "\n\nThe best settings, for the table and online runs: " + " ".join(flags)
 
 
 def plot_curves(results: list[dict], path: Path) -> None:
