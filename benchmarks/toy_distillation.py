@@ -18,11 +18,19 @@ baseline (`sadpipe dump-teacher --with-box-regression`).
 Writes WORKDIR/benchmark.md (table: mean +- std over seeds, the paired same-seed difference to the
 student alone, % of the teacher's mAP; the sweep's results), benchmark.json and map_curves.png
 (val mAP over steps per method, mean over seeds; needs `student.train.eval_every_epochs` > 0).
+
+`--results DIR` keeps a small record of every finished run (its metrics, val mAP curve, resolved
+config and provenance: a digest of the teacher's weights, of the toy annotations and of the cache's
+image plan) in DIR, a directory meant to be committed, and writes the report there too. A run with
+a record counts as done even when its run directory is gone (a new machine, a cleaned disk), so a
+benchmark of many CPU hours can be finished over several sessions; a record whose provenance differs
+from the current teacher, data or cache is refused, never mixed into the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -72,19 +80,54 @@ def teacher_model_overrides(teacher: Path) -> list[str]:
             f'student.model.head_norm="{spec["head_norm"]}"', f'student.model.backbone_norm="{spec["backbone_norm"]}"']
 
 
+def weights_digest(checkpoint: Path) -> str:
+    """sha256 over a checkpoint's tensors (names, dtypes, shapes, bytes in name order): unlike the
+    file's sha256 it does not depend on how torch.save laid out the file, so two sessions that
+    retrain the same teacher deterministically get the same digest."""
+    import torch
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def provenance(teacher: Path, data_root: Path, cache: Path) -> dict:
+    """What a run's result depends on besides its own config: the teacher, the data, the cache."""
+    from sadpipe.cache.reader import read_store_metadata
+    files = ["train/annotations.json", "val/annotations.json", "unlabeled/image_info.json"]
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(rel.encode() + b"|" + (data_root / rel).read_bytes())
+    meta = read_store_metadata(str(cache))[0]
+    return {"teacher_weights_sha256": weights_digest(teacher), "data_sha256": h.hexdigest(),
+            "cache_plan_sha256": meta.get("plan_sha256"),
+            "cache_codec_sha256": hashlib.sha256(json.dumps(meta.get("codec"), sort_keys=True).encode()).hexdigest()}
+
+
 class Run:
     def __init__(self, workdir: Path, method: str, seed: int, overrides: list[str], *, group: str = "table",
-                 label: str = ""):
+                 label: str = "", results: Path | None = None):
         self.method, self.seed, self.overrides, self.group, self.label = method, seed, overrides, group, label
         name = slug(method) + (f"_{slug(label)}" if label else "")
         self.dir = workdir / group / f"{name}_seed{seed}"
         self.log = workdir / "logs" / group / f"{name}_seed{seed}.log"
+        self.record = results / group / f"{name}_seed{seed}.json" if results else None
+
+    @property
+    def trained(self) -> bool:
+        return (self.dir / "eval.json").is_file()
 
     @property
     def done(self) -> bool:
-        return (self.dir / "eval.json").is_file()
+        return self.trained or bool(self.record and self.record.is_file())
 
     def result(self) -> dict:
+        if self.record and self.record.is_file():
+            keys = ("method", "label", "seed", "metrics", "curve")
+            return {k: v for k, v in json.loads(self.record.read_text()).items() if k in keys}
         log = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line]
         final = json.loads((self.dir / "eval.json").read_text())["metrics"]
         # the periodic evaluations, then the final one at the last step
@@ -92,8 +135,40 @@ class Run:
         curve.append((max((r["step"] for r in log), default=0), final["AP"]))
         return {"method": self.method, "label": self.label, "seed": self.seed, "metrics": final, "curve": curve}
 
+    def check_record(self, prov: dict) -> None:
+        """Refuse a record made with another teacher, data or cache: its mAP is not comparable."""
+        if not (self.record and self.record.is_file()):
+            return
+        saved = json.loads(self.record.read_text()).get("provenance", {})
+        diff = [k for k in prov if saved.get(k) != prov[k]]
+        if diff:
+            raise SystemExit(f"{self.record}: made with a different {', '.join(diff)} than this benchmark's "
+                             f"({', '.join(f'{k}: {str(saved.get(k))[:12]} vs {str(prov[k])[:12]}' for k in diff)}); "
+                             "give another --results directory, or delete the records to retrain")
 
-def train(run: Run, args, base_sets: list[str]) -> None:
+    def write_record(self, prov: dict, command: list[str], places: dict[str, str]) -> None:
+        """Keep what the table needs once the run directory is gone (written once, atomically).
+        ``places`` maps this machine's paths to names (DATA, TEACHER, ...), so a record says
+        which input it used without naming a directory that exists only here."""
+        if not self.record or self.record.is_file() or not self.trained:
+            return
+
+        def portable(text: str) -> str:
+            for path, name in sorted(places.items(), key=lambda kv: -len(kv[0])):
+                text = text.replace(path, name)
+            return text
+
+        rec = {**self.result(), "overrides": [portable(o) for o in self.overrides], "provenance": prov,
+               "command": portable(shlex.join(command)),
+               "config_resolved": portable((self.dir / "config.resolved.toml").read_text()),
+               "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1) + "\n")
+        tmp.replace(self.record)
+
+
+def train(run: Run, args, base_sets: list[str], prov: dict | None, places: dict[str, str]) -> None:
     if run.done:
         return
     resume = (run.dir / "train_state.pt").is_file()
@@ -114,6 +189,8 @@ def train(run: Run, args, base_sets: list[str]) -> None:
     status = "done" if code == 0 else f"FAILED (exit {code}, see {run.log})"
     print(f"[{time.strftime('%H:%M:%S')}] {run.group}/{run.dir.name}: {status} in {time.perf_counter() - t:.0f} s",
           flush=True)
+    if prov is not None:
+        run.write_record(prov, cmd, places)  # at once: a session may end before the benchmark does
 
 
 def mean_std(values: list[float]) -> str:
@@ -234,7 +311,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", required=True, help="data.root of the toy data (sadpipe make-toy-data)")
     ap.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (for self-distillation, online runs)")
     ap.add_argument("--cache", type=Path, required=True, help="the teacher's cache (dump-teacher --with-box-regression)")
-    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, required=True, help="run directories (checkpoints) and logs")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="keep a record of every finished run here and write the report here (a directory to "
+                         "commit); runs with a record are not retrained")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default="", help="comma-separated method names (prefix match)")
     ap.add_argument("--online", action="store_true", help="also train KD / ADL / SAD with the live teacher")
@@ -275,20 +355,32 @@ def main(argv=None) -> int:
         return " ".join(a.removeprefix("distill.") for a in chosen(method))
 
     # every run the options can name; the report shows all finished ones, training takes the picked ones
-    table_runs = [Run(work, m, seed, expand(sets) + chosen(m), label=chosen_label(m))
+    rec = {"results": args.results}
+    table_runs = [Run(work, m, seed, expand(sets) + chosen(m), label=chosen_label(m), **rec)
                   for seed in seeds for m, sets in METHODS.items()]
     online_runs = [Run(work, f"{m}, online teacher", seed,
                        expand(METHODS[m]) + chosen(m) + [f"distill.online_teacher={json.dumps(str(args.teacher.resolve()))}"],
-                       group="online", label=chosen_label(m))
+                       group="online", label=chosen_label(m), **rec)
                    for seed in seeds for m in ONLINE]
-    sweep_runs = [Run(work, m, 0, expand(METHODS[m]) + sets + ["data.tune_holdout=0.2"], group="sweep", label=label)
+    sweep_runs = [Run(work, m, 0, expand(METHODS[m]) + sets + ["data.tune_holdout=0.2"], group="sweep", label=label, **rec)
                   for m, grid in SWEEP.items() for label, sets in grid]
+    every = sweep_runs + table_runs + online_runs
+    prov = None
+    places = {str(Path(args.data_root).resolve()): "DATA", str(args.teacher.resolve()): "TEACHER",
+              str(args.teacher): "TEACHER", str(args.cache.resolve()): "CACHE", str(args.cache): "CACHE",
+              str(work.resolve()): "WORKDIR", str(work): "WORKDIR", sys.executable: "python"}
+    if args.results:
+        prov = provenance(args.teacher, Path(args.data_root), args.cache)
+        for r in every:
+            r.check_record(prov)
+            # runs trained before --results was given
+            r.write_record(prov, ["sadpipe", "train-student", "--out", str(r.dir)], places)
     wanted = ([r for r in sweep_runs if args.sweep] + table_runs + [r for r in online_runs if args.online])
     todo = [r for r in wanted if picked(r.method.split(", online")[0]) and not r.done]
     if not args.report_only and todo:
         print(f"{len(todo)} runs to train ({args.jobs} at a time)", flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda r: train(r, args, base_sets), todo))
+            list(pool.map(lambda r: train(r, args, base_sets, prov, places), todo))
 
     results = [r.result() for r in table_runs + online_runs if r.done]
     sweep = [r.result() for r in sweep_runs if r.done]
@@ -305,11 +397,15 @@ def main(argv=None) -> int:
         text += "\n## The live teacher instead of the cache\n\n" + online_table(results) + "\n"
     if sweep:
         text += "\n## Sweep on the tuning hold-out (20 % of the labeled train images, seed 0)\n\n" + sweep_table(sweep) + "\n"
+    out = args.results or work
+    out.mkdir(parents=True, exist_ok=True)
     if results:
-        plot_curves(results, work / "map_curves.png")
+        plot_curves(results, out / "map_curves.png")
         text += "\n![val mAP over steps](map_curves.png)\n"
-    (work / "benchmark.md").write_text(text)
-    (work / "benchmark.json").write_text(json.dumps({"table": results, "sweep": sweep}, indent=2))
+    for path, name in sorted(places.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, name)
+    (out / "benchmark.md").write_text(text)
+    (out / "benchmark.json").write_text(json.dumps({"table": results, "sweep": sweep}, indent=2))
     print(text)
     missing = [r for r in wanted if not r.done]
     if missing:

@@ -29,6 +29,7 @@ once with gloo ("Connection closed by peer"), and with NCCL wait until torchrun 
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import pickle
@@ -65,7 +66,16 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter tears down: left to the destructors, a
+    rank leaving after an error (while its peers leave too) can die in gloo's teardown with
+    "terminate called without an active exception" (SIGABRT), after its message was printed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class PeerRankError(RuntimeError):

@@ -1,0 +1,73 @@
+"""benchmarks/toy_distillation.py keeps a record per finished run so a benchmark of many CPU hours
+survives the loss of its run directories; these tests check the record's round trip, its
+refusal of another teacher's records, and the teacher digest it relies on."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("toy_distillation", ROOT / "benchmarks" / "toy_distillation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run_dir(run, data_root: str) -> dict:
+    """A finished run as train-student leaves it: metrics.jsonl with periodic evals, eval.json, config."""
+    run.dir.mkdir(parents=True)
+    lines = [{"step": 10, "loss": 1.0}, {"step": 20, "eval": {"AP": 0.25}}, {"step": 40, "loss": 0.5}]
+    (run.dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run.dir / "eval.json").write_text(json.dumps({"metrics": {"AP": 0.375, "AP50": 0.5}}))
+    (run.dir / "config.resolved.toml").write_text(f'[data]\nroot = "{data_root}"\n')
+    # the curve: the periodic eval (20, 0.25), then the final one at the last logged step (40, 0.375)
+    return {"method": "plain KD", "label": "", "seed": 1, "metrics": {"AP": 0.375, "AP50": 0.5},
+            "curve": [[20, 0.25], [40, 0.375]]}
+
+
+def test_record_outlives_the_run_directory(bench, tmp_path):
+    work, results, data_root = tmp_path / "work", tmp_path / "results", str(tmp_path / "machine" / "toy")
+    run = bench.Run(work, "plain KD", 1, ['distill.method="kd"'], results=results)
+    expected = fake_run_dir(run, data_root)
+    assert run.done and run.trained
+    prov = {"teacher_weights_sha256": "a" * 64, "data_sha256": "b" * 64}
+    run.write_record(prov, ["python", "-m", "sadpipe", "train-student", "--out", str(run.dir)],
+                     {data_root: "DATA", str(work): "WORKDIR"})
+
+    import shutil
+    shutil.rmtree(work)  # a new machine: the run directory is gone, the committed record is not
+    again = bench.Run(work, "plain KD", 1, ['distill.method="kd"'], results=results)
+    assert again.done and not again.trained
+    got = again.result()
+    assert got["metrics"] == expected["metrics"] and [list(p) for p in got["curve"]] == expected["curve"]
+    text = again.record.read_text()
+    assert str(tmp_path) not in text  # this machine's paths are replaced by names
+    rec = json.loads(text)
+    assert 'root = "DATA"' in rec["config_resolved"] and "--out WORKDIR/table/plain_kd_seed1" in rec["command"]
+    again.check_record(prov)  # the same teacher and data: accepted
+    with pytest.raises(SystemExit, match="teacher_weights_sha256"):
+        again.check_record({**prov, "teacher_weights_sha256": "c" * 64})
+
+
+def test_unfinished_run_writes_no_record(bench, tmp_path):
+    run = bench.Run(tmp_path / "work", "ADL (labeled)", 0, [], results=tmp_path / "results")
+    run.dir.mkdir(parents=True)  # started, never finished (no eval.json)
+    run.write_record({"teacher_weights_sha256": "a"}, ["x"], {})
+    assert not run.record.exists() and not run.done
+
+
+def test_weights_digest_depends_on_weights_not_on_the_file(bench, tmp_path):
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
+    torch.save({"model": state, "extra": {"out": "runs/a"}}, tmp_path / "a.pt")
+    torch.save({"extra": {"out": "elsewhere/b", "step": 7}, "model": dict(reversed(state.items()))}, tmp_path / "b.pt")
+    assert bench.weights_digest(tmp_path / "a.pt") == bench.weights_digest(tmp_path / "b.pt")
+    changed = {**state, "b": torch.tensor([0.0, 0.0, 1e-7])}
+    torch.save({"model": changed}, tmp_path / "c.pt")
+    assert bench.weights_digest(tmp_path / "c.pt") != bench.weights_digest(tmp_path / "a.pt")
