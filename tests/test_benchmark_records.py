@@ -64,7 +64,8 @@ def test_unfinished_run_writes_no_record(bench, tmp_path):
 
 
 def test_weights_digest_depends_on_weights_not_on_the_file(bench, tmp_path):
-    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
+    # a 0-d integer tensor too, as BatchNorm's num_batches_tracked
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3), "n": torch.tensor(3)}
     torch.save({"model": state, "extra": {"out": "runs/a"}}, tmp_path / "a.pt")
     torch.save({"extra": {"out": "elsewhere/b", "step": 7}, "model": dict(reversed(state.items()))}, tmp_path / "b.pt")
     assert bench.weights_digest(tmp_path / "a.pt") == bench.weights_digest(tmp_path / "b.pt")
