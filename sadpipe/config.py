@@ -49,6 +49,7 @@ _OPTIM = {
     "num_workers": 2,
     "eval_every_epochs": 0,      # 0: evaluate at the end only
     "checkpoint_every_steps": 100,  # besides every epoch end, so a crash loses little
+    "keep_epoch_checkpoints": 0,  # checkpoint_epoch{N}.pt files kept, newest first; 0 keeps all
     "focal_alpha": 0.25,
     "focal_gamma": 2.0,
     "box_loss": "l1",            # l1 | smooth_l1 | giou

@@ -143,6 +143,7 @@ class TrainConfig:
     num_workers: int
     eval_every_epochs: int
     checkpoint_every_steps: int
+    keep_epoch_checkpoints: int
     focal_alpha: float
     focal_gamma: float
     box_loss: str
@@ -237,7 +238,7 @@ def _train(cfg: dict, where: str) -> TrainConfig:
     at_least(f"{where}.batch_size", t.batch_size, 1)
     at_least(f"{where}.epochs", t.epochs, 1)
     for key in ("weight_decay", "max_steps", "warmup_steps", "grad_clip", "num_workers", "eval_every_epochs",
-                "checkpoint_every_steps", "focal_gamma", "box_loss_weight"):
+                "checkpoint_every_steps", "keep_epoch_checkpoints", "focal_gamma", "box_loss_weight"):
         at_least(f"{where}.{key}", getattr(t, key), 0)
     between(f"{where}.momentum", t.momentum, 0, 1, high_open=True)
     between(f"{where}.focal_alpha", t.focal_alpha, 0, 1)

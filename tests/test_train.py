@@ -201,3 +201,26 @@ def test_periodic_evaluation_and_epoch_checkpoints(toy_root, tmp_path):
     assert set(evals[0]["eval"]) >= set(METRIC_NAMES)
     assert (tmp_path / "checkpoint_epoch1.pt").is_file() and (tmp_path / "checkpoint_epoch2.pt").is_file()
     assert load_detector(tmp_path / "checkpoint_epoch1.pt").spec["arch"] == "tiny"
+
+
+def test_keep_epoch_checkpoints_keeps_the_newest(toy_root, tmp_path):
+    """6 steps per epoch (as above), 18 steps -> epochs 1, 2, 3; keep 2 -> epochs 2 and 3 remain."""
+    from sadpipe.tasks.supervised import train_detector
+    overrides = tiny_overrides(toy_root) + ["teacher.train.max_steps=18", "teacher.train.keep_epoch_checkpoints=2"]
+    train_detector(load_settings(REPO / "pipelines" / "toy.toml", overrides), tmp_path, device="cpu", evaluate=False)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch*.pt")) == ["checkpoint_epoch2.pt",
+                                                                             "checkpoint_epoch3.pt"]
+
+
+def test_prune_epoch_checkpoints_orders_by_epoch_number(tmp_path):
+    """Epoch 10 is newer than epoch 9 (a name sort would say otherwise); other files are left alone."""
+    from sadpipe.engine.loop import prune_epoch_checkpoints
+    for n in (1, 2, 9, 10, 11):
+        (tmp_path / f"checkpoint_epoch{n}.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint_epoch_old.pt").write_bytes(b"x")
+    (tmp_path / "final.pt").write_bytes(b"x")
+    assert prune_epoch_checkpoints(tmp_path, 0) == []
+    deleted = prune_epoch_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in deleted) == ["checkpoint_epoch1.pt", "checkpoint_epoch2.pt", "checkpoint_epoch9.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch10.pt", "checkpoint_epoch11.pt",
+                                                          "checkpoint_epoch_old.pt", "final.pt"]

@@ -94,6 +94,23 @@ class RunSpec:
     extra: dict = field(default_factory=dict)  # stored in checkpoints and the summary
 
 
+def prune_epoch_checkpoints(out_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``checkpoint_epoch{N}.pt`` in ``out_dir`` (0 keeps all);
+    returns the deleted paths. Resuming needs only ``train_state.pt``, so nothing here is lost
+    for a crash; at COCO scale each file is a whole model (~150 MB for a ResNet-50 RetinaNet)."""
+    if keep <= 0:
+        return []
+    found = []
+    for path in out_dir.glob("checkpoint_epoch*.pt"):
+        number = path.stem.removeprefix("checkpoint_epoch")
+        if number.isdigit():
+            found.append((int(number), path))
+    old = [path for _, path in sorted(found)[:-keep]]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
 def fit(model: Detector, run: RunSpec, dev: torch.device, info: DistInfo, *, resume: bool,
         hooks: Hooks | None = None) -> dict:
     """Train ``model`` as ``run`` says; returns a summary (steps, seconds, images/s, metrics)."""
@@ -127,6 +144,7 @@ def fit(model: Detector, run: RunSpec, dev: torch.device, info: DistInfo, *, res
             state.save(step)
             if checkpoint_name:
                 save_checkpoint(out_dir / f"{checkpoint_name}.pt", model, {"step": step, **run.extra})
+                prune_epoch_checkpoints(out_dir, tcfg.keep_epoch_checkpoints)
 
     # -- the loop: streams take turns; stream k has served len(range(k, step, n)) batches so far
     n = len(run.streams)

@@ -22,6 +22,7 @@ from ..errors import TrainingError
 STATE_FILE = "train_state.pt"
 # keys a resumed run may change: how long, how often to save/evaluate, worker counts, where the data lives
 RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.num_workers", "train.checkpoint_every_steps",
+                     "train.keep_epoch_checkpoints",
                      "train.eval_every_epochs", "data.root", "dump.num_workers")
 
 
