@@ -94,6 +94,18 @@ def weights_digest(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
+def machine() -> dict:
+    """Where a run was trained (for the reader of a record; not part of the provenance check)."""
+    import platform
+    import torch
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count()}
+
+
 def provenance(teacher: Path, data_root: Path, cache: Path) -> dict:
     """What a run's result depends on besides its own config: the teacher, the data, the cache."""
     from sadpipe.cache.reader import read_store_metadata
@@ -161,7 +173,7 @@ class Run:
         rec = {**self.result(), "overrides": [portable(o) for o in self.overrides], "provenance": prov,
                "command": portable(shlex.join(command)),
                "config_resolved": portable((self.dir / "config.resolved.toml").read_text()),
-               "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
         self.record.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.record.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1) + "\n")
