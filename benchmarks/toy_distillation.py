@@ -382,6 +382,10 @@ def main(argv=None) -> int:
               str(args.teacher): "TEACHER", str(args.cache.resolve()): "CACHE", str(args.cache): "CACHE",
               str(work.resolve()): "WORKDIR", str(work): "WORKDIR", sys.executable: "python"}
     if args.results:
+        repo = Path(__file__).resolve().parents[1]
+        res = args.results.resolve()
+        places[str(res)] = str(res.relative_to(repo)) if res.is_relative_to(repo) else "RESULTS"
+    if args.results:
         prov = provenance(args.teacher, Path(args.data_root), args.cache)
         for r in every:
             r.check_record(prov)
