@@ -385,12 +385,9 @@ def main(argv=None) -> int:
         repo = Path(__file__).resolve().parents[1]
         res = args.results.resolve()
         places[str(res)] = str(res.relative_to(repo)) if res.is_relative_to(repo) else "RESULTS"
-    if args.results:
         prov = provenance(args.teacher, Path(args.data_root), args.cache)
         for r in every:
             r.check_record(prov)
-            # runs trained before --results was given
-            r.write_record(prov, ["sadpipe", "train-student", "--out", str(r.dir)], places)
     wanted = ([r for r in sweep_runs if args.sweep] + table_runs + [r for r in online_runs if args.online])
     todo = [r for r in wanted if picked(r.method.split(", online")[0]) and not r.done]
     if not args.report_only and todo:
