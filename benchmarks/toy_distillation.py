@@ -66,7 +66,8 @@ SWEEP = {
 }
 
 # methods that use a swept method's loss, and so its chosen setting
-SWEEP_SHARED = {"ADL (labeled)": ["SAD (labeled + unlabeled)", "self-distillation (teacher arch, SAD)"]}
+# (FDL is ADL with beta = 0: at ADL's weight the two differ only in the adaptive term, the paper's ablation)
+SWEEP_SHARED = {"ADL (labeled)": ["FDL (beta=0)", "SAD (labeled + unlabeled)", "self-distillation (teacher arch, SAD)"]}
 
 
 def slug(text: str) -> str:
