@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -207,6 +208,15 @@ def train(run: Run, args, base_sets: list[str], prov: dict | None, places: dict[
         run.write_record(prov, cmd, places)  # at once: a session may end before the benchmark does
 
 
+def parse_method_set(item: str) -> tuple[str, str]:
+    """'METHOD:KEY=VALUE' -> (METHOD, 'KEY=VALUE'); METHOD may hold colons ('Chen: weighted soft CE'),
+    so the split is at the first colon followed by a config key and '='."""
+    match = re.match(r"^(.+?):\s*([A-Za-z_][\w.]*=.*)$", item)
+    if not match:
+        raise SystemExit(f"--method-set wants METHOD:KEY=VALUE, got {item!r}")
+    return match.group(1), match.group(2)
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -358,9 +368,7 @@ def main(argv=None) -> int:
     def chosen(method: str) -> list[str]:
         out = []
         for item in args.method_set:
-            name, _, assignment = item.partition(":")
-            if not assignment:
-                raise SystemExit(f"--method-set wants METHOD:KEY=VALUE, got {item!r}")
+            name, assignment = parse_method_set(item)
             out += [assignment] if method.startswith(name) else []
         return out
 

@@ -72,3 +72,14 @@ def test_weights_digest_depends_on_weights_not_on_the_file(bench, tmp_path):
     changed = {**state, "b": torch.tensor([0.0, 0.0, 1e-7])}
     torch.save({"model": changed}, tmp_path / "c.pt")
     assert bench.weights_digest(tmp_path / "c.pt") != bench.weights_digest(tmp_path / "a.pt")
+
+
+def test_method_set_splits_after_the_method_name(bench):
+    # method names may contain a colon; the value may too (a path)
+    assert bench.parse_method_set("Chen: weighted soft CE:distill.hard_weight=0.5") == (
+        "Chen: weighted soft CE", "distill.hard_weight=0.5")
+    assert bench.parse_method_set("ADL:distill.loss_weight=8") == ("ADL", "distill.loss_weight=8")
+    assert bench.parse_method_set('SAD:distill.online_teacher="s3://b/t.pt"') == (
+        "SAD", 'distill.online_teacher="s3://b/t.pt"')
+    with pytest.raises(SystemExit, match="METHOD:KEY=VALUE"):
+        bench.parse_method_set("ADL loss_weight=8")
