@@ -65,8 +65,12 @@ def init_distributed(device: torch.device) -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_leave_process_group)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "gloo":
+            # not for NCCL: destroying a communicator with a collective still pending can block, and
+            # a rank that never exits is a rank torchrun never sees fail
+            atexit.register(_leave_process_group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
