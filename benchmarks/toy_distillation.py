@@ -125,6 +125,14 @@ def provenance(teacher: Path, data_root: Path, cache: Path) -> dict:
             "cache_codec_sha256": hashlib.sha256(json.dumps(meta.get("codec"), sort_keys=True).encode()).hexdigest()}
 
 
+def portable(text: str, places: dict[str, str]) -> str:
+    """``text`` with this machine's paths replaced by names (``places``: path -> DATA, TEACHER, ...),
+    longest path first so a path inside another is not half-replaced."""
+    for path, name in sorted(places.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, name)
+    return text
+
+
 class Run:
     def __init__(self, workdir: Path, method: str, seed: int, overrides: list[str], *, group: str = "table",
                  label: str = "", results: Path | None = None):
@@ -170,15 +178,9 @@ class Run:
         which input it used without naming a directory that exists only here."""
         if not self.record or self.record.is_file() or not self.trained:
             return
-
-        def portable(text: str) -> str:
-            for path, name in sorted(places.items(), key=lambda kv: -len(kv[0])):
-                text = text.replace(path, name)
-            return text
-
-        rec = {**self.result(), "overrides": [portable(o) for o in self.overrides], "provenance": prov,
-               "command": portable(shlex.join(command)),
-               "config_resolved": portable((self.dir / "config.resolved.toml").read_text()),
+        rec = {**self.result(), "overrides": [portable(o, places) for o in self.overrides], "provenance": prov,
+               "command": portable(shlex.join(command), places),
+               "config_resolved": portable((self.dir / "config.resolved.toml").read_text(), places),
                "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
         self.record.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.record.with_suffix(".tmp")
@@ -428,8 +430,7 @@ def main(argv=None) -> int:
     if results:
         plot_curves(results, out / "map_curves.png")
         text += "\n![val mAP over steps](map_curves.png)\n"
-    for path, name in sorted(places.items(), key=lambda kv: -len(kv[0])):
-        text = text.replace(path, name)
+    text = portable(text, places)
     (out / "benchmark.md").write_text(text)
     (out / "benchmark.json").write_text(json.dumps({"table": results, "sweep": sweep}, indent=2))
     print(text)
