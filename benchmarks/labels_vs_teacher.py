@@ -1,0 +1,108 @@
+"""What a teacher's targets add to the labels, on the images it was trained on and on others.
+
+    python benchmarks/labels_vs_teacher.py --config toy_paper_regime --set data.root=data/toy \
+        --teacher runs/confident_teacher/final.pt --student runs/paper_regime/bench/table/student_alone_seed0/final.pt \
+        --images 128
+
+Distillation on labeled images can only teach a student what the labels do not already say. For
+each split (the labeled train images the teacher was trained on, and val, which it never saw) this
+runs the teacher and the student over ``--images`` images (each padded alone, as the dump does),
+assigns every anchor its label target y (RetinaNet's matching: IoU >= 0.5 positive, < 0.4
+background, in between ignored; y = 1 for the matched GT's class, else 0) and compares the
+teacher's q = sigmoid(logit) with y over the non-ignored (anchor, class) entries:
+
+- ``teacher_q_at_positives``: mean q where y = 1; ``teacher_misses``: share of y = 1 entries with q < 0.5;
+- ``teacher_false_per_image``: entries with y = 0 and q >= 0.5, per image;
+- ``target_gap``: sum |q - y| divided by the number of y = 1 entries (0: the teacher repeats the labels);
+- ``kd_label_cosine``: cosine between plain KD's gradient w.r.t. the student's logits (p - q) and
+  the label cross-entropy's (p - y), summed over the images; ``kd_beyond_labels`` = sqrt(1 - cos^2),
+  the share of KD's pull that points where the labels' pull does not;
+- ``student_to_teacher`` / ``student_to_labels``: ||p - q|| / ||p - y||, how far the student is
+  from each target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from sadpipe.data.dataset import DetectionDataset, labeled_source
+from sadpipe.labeling import IGNORED, match_anchors
+from sadpipe.models import load_detector
+from sadpipe.settings import load_settings
+
+
+@torch.no_grad()
+def compare(teacher, student, dataset, images: int) -> dict:
+    """Sums over ``images`` images of ``dataset``; see the module docstring for the keys."""
+    layout = teacher.layout
+    n_pos = n_miss = n_false = 0
+    q_pos_sum = gap = dot = kd_sq = label_sq = 0.0
+    for index in range(min(images, len(dataset))):
+        sample = dataset[index]
+        x = torch.zeros(1, 3, *sample["padded_size"])
+        x[0, :, : sample["image"].shape[1], : sample["image"].shape[2]] = sample["image"]
+        q = torch.sigmoid(teacher(x)[0][0].double())  # [A, K]
+        p = torch.sigmoid(student(x)[0][0].double())
+        matched = match_anchors(layout.anchors(sample["padded_size"]), sample["boxes"], sample["iscrowd"])
+        y = torch.zeros_like(q)
+        fg = matched >= 0
+        y[fg, sample["labels"][matched[fg]]] = 1.0
+        keep = (matched != IGNORED)[:, None].expand_as(q)
+        pos = (y == 1) & keep
+        n_pos += int(pos.sum())
+        q_pos_sum += float(q[pos].sum())
+        n_miss += int((q[pos] < 0.5).sum())
+        n_false += int(((q >= 0.5) & (y == 0) & keep).sum())
+        gap += float((q - y).abs()[keep].sum())
+        kd, label = (p - q)[keep], (p - y)[keep]
+        dot += float((kd * label).sum())
+        kd_sq += float((kd * kd).sum())
+        label_sq += float((label * label).sum())
+    count = min(images, len(dataset))
+    cosine = dot / math.sqrt(kd_sq * label_sq)
+    return {
+        "images": count,
+        "positive_entries_per_image": n_pos / count,
+        "teacher_q_at_positives": q_pos_sum / n_pos,
+        "teacher_misses": n_miss / n_pos,
+        "teacher_false_per_image": n_false / count,
+        "target_gap": gap / n_pos,
+        "kd_label_cosine": cosine,
+        "kd_beyond_labels": math.sqrt(max(0.0, 1.0 - cosine**2)),
+        "student_to_teacher_over_student_to_labels": math.sqrt(kd_sq / label_sq),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--student", required=True)
+    ap.add_argument("--images", type=int, default=128)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = load_settings(args.config, args.overrides)
+    teacher, student = load_detector(args.teacher).eval(), load_detector(args.student).eval()
+    if teacher.layout != student.layout or teacher.preprocess != student.preprocess:
+        raise SystemExit("teacher and student differ in anchor layout or preprocessing; this comparison needs them equal")
+    out = {}
+    print("| split | images | positives / image | teacher q at positives | teacher misses (q < 0.5) | teacher false / image "
+          "| target gap sum abs(q - y) / positives | cos(KD grad, label grad) | KD beyond labels | abs(p - q) / abs(p - y) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for split in ("train", "val"):
+        dataset = DetectionDataset(labeled_source(cfg.data, split), teacher.preprocess)
+        r = out[split] = compare(teacher, student, dataset, args.images)
+        print(f"| {split} | {r['images']} | {r['positive_entries_per_image']:.1f} | {r['teacher_q_at_positives']:.3f} | "
+              f"{100 * r['teacher_misses']:.1f} % | {r['teacher_false_per_image']:.2f} | {r['target_gap']:.3f} | "
+              f"{r['kd_label_cosine']:.3f} | {r['kd_beyond_labels']:.3f} | "
+              f"{r['student_to_teacher_over_student_to_labels']:.3f} |", flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
