@@ -297,14 +297,18 @@ def test_every_method_trains_and_logs_its_terms(world, tmp_path, method):
         assert first["loss"] == pytest.approx(first["cls"] + first["box"] + w * first.get("distill", 0.0), rel=1e-5)
 
 
-def test_data_distillation_pseudo_labels_are_the_stored_detections_above_the_threshold(world, tmp_path):
+@pytest.mark.parametrize("method", [
+    ['distill.method="data_distillation"'],
+    ['distill.method="sad"', "distill.pseudo_labels=true"],  # the released code's SAD: ADL + the same hard targets
+])
+def test_pseudo_labels_are_the_stored_detections_above_the_threshold(world, tmp_path, method):
     thresh = 0.6  # the test teacher's stored scores span ~0.4-0.99: some kept, some dropped
     captured = []
 
     def on_step(record, batch, loss, model):  # loss.hard_targets: what the detection loss was given
-        captured.append({"batch": batch, "targets": loss.hard_targets})
+        captured.append({"batch": batch, "targets": loss.hard_targets, "record": record})
 
-    cfg = _cfg(world["root"], 'distill.method="data_distillation"', f"distill.pseudo_score_thresh={thresh}")
+    cfg = _cfg(world["root"], *method, f"distill.pseudo_score_thresh={thresh}")
     distill.train_student(cfg, world["both"], tmp_path / "run", device="cpu", max_steps=2, evaluate=False,
                           hooks=Hooks(on_step=on_step))
 
@@ -326,6 +330,8 @@ def test_data_distillation_pseudo_labels_are_the_stored_detections_above_the_thr
             unlabeled_checked += 1
             kept, dropped = kept + int(above.sum()), dropped + int((~above).sum())
     assert unlabeled_checked > 0 and kept > 0 and dropped > 0
+    # SAD distils on every step besides; data distillation never does
+    assert all(("distill" in step["record"]) == (cfg.distill.method == "sad") for step in captured)
 
 
 # ---------------------------------------------------------------------------------------------
