@@ -17,6 +17,11 @@ teacher's q = sigmoid(logit) with y over the non-ignored (anchor, class) entries
 - ``kd_label_cosine``: cosine between plain KD's gradient w.r.t. the student's logits (p - q) and
   the label cross-entropy's (p - y), summed over the images; ``kd_beyond_labels`` = sqrt(1 - cos^2),
   the share of KD's pull that points where the labels' pull does not;
+- ``adl_label_cosine``: the same for ADL's gradient (the paper's form, beta 1, gamma 2);
+- ``kd_grad_on_positives`` / ``adl_grad_on_positives``: the share of each gradient's squared norm
+  on the y = 1 entries (the rest is on background entries);
+- ``kd_grad_against_labels`` / ``adl_grad_against_labels``: the share of each gradient's squared
+  norm on entries where it pushes the student's logit the other way than the labels do;
 - ``student_to_teacher`` / ``student_to_labels``: ||p - q|| / ||p - y||, how far the student is
   from each target.
 """
@@ -29,6 +34,7 @@ import math
 
 import torch
 
+from sadpipe import losses
 from sadpipe.data.dataset import DetectionDataset, labeled_source
 from sadpipe.labeling import IGNORED, match_anchors
 from sadpipe.models import load_detector
@@ -40,13 +46,14 @@ def compare(teacher, student, dataset, images: int) -> dict:
     """Sums over ``images`` images of ``dataset``; see the module docstring for the keys."""
     layout = teacher.layout
     n_pos = n_miss = n_false = 0
-    q_pos_sum = gap = dot = kd_sq = label_sq = 0.0
+    q_pos_sum = gap = dot = kd_sq = label_sq = adl_dot = adl_sq = kd_pos_sq = adl_pos_sq = 0.0
+    kd_against = adl_against = 0.0
     for index in range(min(images, len(dataset))):
         sample = dataset[index]
         x = torch.zeros(1, 3, *sample["padded_size"])
         x[0, :, : sample["image"].shape[1], : sample["image"].shape[2]] = sample["image"]
-        q = torch.sigmoid(teacher(x)[0][0].double())  # [A, K]
-        p = torch.sigmoid(student(x)[0][0].double())
+        t_logits, s_logits = teacher(x)[0][0].double(), student(x)[0][0].double()  # [A, K]
+        q, p = torch.sigmoid(t_logits), torch.sigmoid(s_logits)
         matched = match_anchors(layout.anchors(sample["padded_size"]), sample["boxes"], sample["iscrowd"])
         y = torch.zeros_like(q)
         fg = matched >= 0
@@ -62,6 +69,17 @@ def compare(teacher, student, dataset, images: int) -> dict:
         dot += float((kd * label).sum())
         kd_sq += float((kd * kd).sum())
         label_sq += float((label * label).sum())
+        kd_pos_sq += float((kd[y[keep] == 1] ** 2).sum())
+        kd_against += float((kd[kd * label < 0] ** 2).sum())
+        with torch.enable_grad():
+            s = s_logits.clone().requires_grad_(True)
+            adl_loss = losses.adaptive_distillation_loss(s, t_logits, beta=1.0, gamma=2.0)
+            (adl_grad,) = torch.autograd.grad(adl_loss[keep].sum(), s)
+        adl = adl_grad[keep]
+        adl_dot += float((adl * label).sum())
+        adl_sq += float((adl * adl).sum())
+        adl_pos_sq += float((adl[y[keep] == 1] ** 2).sum())
+        adl_against += float((adl[adl * label < 0] ** 2).sum())
     count = min(images, len(dataset))
     cosine = dot / math.sqrt(kd_sq * label_sq)
     return {
@@ -74,6 +92,11 @@ def compare(teacher, student, dataset, images: int) -> dict:
         "kd_label_cosine": cosine,
         "kd_beyond_labels": math.sqrt(max(0.0, 1.0 - cosine**2)),
         "student_to_teacher_over_student_to_labels": math.sqrt(kd_sq / label_sq),
+        "adl_label_cosine": adl_dot / math.sqrt(adl_sq * label_sq),
+        "kd_grad_on_positives": kd_pos_sq / kd_sq,
+        "adl_grad_on_positives": adl_pos_sq / adl_sq,
+        "kd_grad_against_labels": kd_against / kd_sq,
+        "adl_grad_against_labels": adl_against / adl_sq,
     }
 
 
@@ -92,15 +115,18 @@ def main(argv=None) -> None:
         raise SystemExit("teacher and student differ in anchor layout or preprocessing; this comparison needs them equal")
     out = {}
     print("| split | images | positives / image | teacher q at positives | teacher misses (q < 0.5) | teacher false / image "
-          "| target gap sum abs(q - y) / positives | cos(KD grad, label grad) | KD beyond labels | abs(p - q) / abs(p - y) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| target gap sum abs(q - y) / positives | cos(KD grad, label grad) | KD beyond labels | abs(p - q) / abs(p - y) "
+          "| cos(ADL grad, label grad) | KD / ADL grad on positives | KD / ADL grad against the labels |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for split in ("train", "val"):
         dataset = DetectionDataset(labeled_source(cfg.data, split), teacher.preprocess)
         r = out[split] = compare(teacher, student, dataset, args.images)
         print(f"| {split} | {r['images']} | {r['positive_entries_per_image']:.1f} | {r['teacher_q_at_positives']:.3f} | "
               f"{100 * r['teacher_misses']:.1f} % | {r['teacher_false_per_image']:.2f} | {r['target_gap']:.3f} | "
               f"{r['kd_label_cosine']:.3f} | {r['kd_beyond_labels']:.3f} | "
-              f"{r['student_to_teacher_over_student_to_labels']:.3f} |", flush=True)
+              f"{r['student_to_teacher_over_student_to_labels']:.3f} | {r['adl_label_cosine']:.3f} | "
+              f"{100 * r['kd_grad_on_positives']:.0f} % / {100 * r['adl_grad_on_positives']:.0f} % | "
+              f"{100 * r['kd_grad_against_labels']:.0f} % / {100 * r['adl_grad_against_labels']:.0f} % |", flush=True)
     print(json.dumps(out, indent=1))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sadpipe import losses
 from sadpipe.geometry import AnchorLayout
 from sadpipe.labeling import IGNORED, match_anchors
 
@@ -59,6 +60,13 @@ def where(y, at_positives: float, elsewhere: float):
     return torch.where(y > 0, torch.full_like(y, at_positives), torch.full_like(y, elsewhere))
 
 
+def adl_grad_of_one_entry(p: float, q: float) -> float:
+    """d ADL / d student logit for one entry (paper form, beta 1, gamma 2)."""
+    s = torch.tensor([[logit(p)]], dtype=torch.float64, requires_grad=True)
+    losses.adaptive_distillation_loss(s, torch.tensor([[logit(q)]], dtype=torch.float64), beta=1.0, gamma=2.0).sum().backward()
+    return float(s.grad)
+
+
 def test_a_teacher_that_repeats_the_labels_adds_nothing(bench):
     y, _ = label_grid()
     # q = sigmoid(+-40) is y to 1e-17: p - q == p - y entry by entry, so the cosine is 1 and the gap 0
@@ -91,6 +99,16 @@ def test_a_softer_teacher_by_hand(bench):
     assert r["teacher_q_at_positives"] == pytest.approx(0.75)
     assert r["positive_entries_per_image"] == n_pos
     assert r["teacher_misses"] == 0 and r["teacher_false_per_image"] == 0
+    # KD's gradient share on positives: 0.25 per positive entry, 0.0225 per other one (squares of the above)
+    assert r["kd_grad_on_positives"] == pytest.approx(n_pos * 0.25 / kd_sq, rel=1e-9)
+    # ADL's gradient takes one value on positives and one elsewhere: each from a one-entry ADL
+    g_pos, g_neg = (adl_grad_of_one_entry(0.25, q) for q in (0.75, 0.1))
+    assert g_pos < 0 and g_neg > 0  # both pull with the labels: up at positives, down elsewhere
+    adl_sq = n_pos * g_pos**2 + n_neg * g_neg**2
+    adl_dot = n_pos * g_pos * -0.75 + n_neg * g_neg * 0.25
+    assert r["adl_label_cosine"] == pytest.approx(adl_dot / math.sqrt(adl_sq * label_sq), rel=1e-9)
+    assert r["adl_grad_on_positives"] == pytest.approx(n_pos * g_pos**2 / adl_sq, rel=1e-9)
+    assert r["kd_grad_against_labels"] == 0 and r["adl_grad_against_labels"] == 0
 
 
 def test_misses_and_false_detections_are_counted(bench):
@@ -105,3 +123,10 @@ def test_misses_and_false_detections_are_counted(bench):
     r = bench.compare(Constant(logits), Constant(torch.zeros_like(logits)), [sample()], images=1)
     assert r["teacher_misses"] == pytest.approx(1 / n_pos)
     assert r["teacher_false_per_image"] == 3
+    # student p = 0.5 everywhere. KD's gradient p - q against the labels' p - y:
+    #   the missed positive: +0.1 vs -0.5 (against); the three false entries: -0.4 vs +0.5 (against);
+    #   other positives: -0.25 vs -0.5; other background entries: +0.4 vs +0.5 (with the labels)
+    n_neg = int(keep.sum()) * K - n_pos
+    against = 0.1**2 + 3 * 0.4**2
+    total = against + (n_pos - 1) * 0.25**2 + (n_neg - 3) * 0.4**2
+    assert r["kd_grad_against_labels"] == pytest.approx(against / total, rel=1e-9)
