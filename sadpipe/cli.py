@@ -172,8 +172,9 @@ def train_teacher_cmd(cfg, out, max_steps, resume, role, device):
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file for the metrics (default: next to the checkpoint).")
+@click.option("--per-iou", is_flag=True, help="Also report AP at each IoU threshold 0.50 ... 0.95.")
 @_friendly_errors
-def evaluate_cmd(cfg, checkpoint, out, device):
+def evaluate_cmd(cfg, checkpoint, out, device, per_iou):
     """COCO metrics (AP, AP50, AP75, APs, APm, APl) of a checkpoint on the config's val split.
 
     \b
@@ -189,7 +190,7 @@ def evaluate_cmd(cfg, checkpoint, out, device):
     dev = select_device(device)
     model = load_detector(checkpoint).to(dev)
     out = out or checkpoint.with_name(checkpoint.stem + "_eval.json")
-    metrics = evaluate_model(model, labeled_source(cfg.data, "val"), cfg.detect, dev, out_json=out)
+    metrics = evaluate_model(model, labeled_source(cfg.data, "val"), cfg.detect, dev, out_json=out, per_iou=per_iou)
     save_resolved(cfg.resolved, out.parent, name=f"{out.stem}.config.resolved.toml")
     click.echo(format_metrics_table({checkpoint.name: metrics}))
     click.echo(f"wrote {out}")

@@ -61,6 +61,7 @@ def coco_evaluate(
     image_ids: Iterable[int] | None = None,
     *,
     verbose: bool = False,
+    per_iou: bool = False,
 ) -> dict[str, float]:
     """COCO bbox AP of ``detections`` against ``gt``.
 
@@ -72,6 +73,9 @@ def coco_evaluate(
         image_ids: evaluate on these images only; default every GT image.
             Images without detections count as missed objects.
         verbose: print pycocotools' progress and summary table.
+        per_iou: also return AP at each of COCO's IoU thresholds, keys ``"AP@0.50"`` ...
+            ``"AP@0.95"`` (all areas, 100 detections per image; AP is their mean). They show
+            where two models differ: at loose IoU (finding objects) or at strict IoU (localising them).
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` floats in [0, 1];
@@ -104,7 +108,24 @@ def coco_evaluate(
         evaluator.accumulate()
         evaluator.summarize()
     stats = [float(v) for v in evaluator.stats[: len(METRIC_NAMES)]]
-    return {name: (math.nan if value < 0 else value) for name, value in zip(METRIC_NAMES, stats)}
+    metrics = {name: (math.nan if value < 0 else value) for name, value in zip(METRIC_NAMES, stats)}
+    if per_iou:
+        metrics.update(_ap_per_iou(evaluator))
+    return metrics
+
+
+def _ap_per_iou(evaluator: COCOeval) -> dict[str, float]:
+    """AP at each IoU threshold, averaged over recall points and classes as COCOeval.summarize does."""
+    out = {}
+    if not evaluator.eval:  # no detections at all: every AP is 0, as the summary says
+        return {f"AP@{t:.2f}": 0.0 for t in evaluator.params.iouThrs}
+    precision = evaluator.eval["precision"]  # [T iou, R recall, K class, A area, M max dets]
+    area, max_dets = evaluator.params.areaRngLbl.index("all"), len(evaluator.params.maxDets) - 1
+    for t, threshold in enumerate(evaluator.params.iouThrs):
+        p = precision[t, :, :, area, max_dets]
+        valid = p[p > -1]
+        out[f"AP@{threshold:.2f}"] = float(valid.mean()) if valid.size else math.nan
+    return out
 
 
 def detections_to_coco(

@@ -55,9 +55,10 @@ def run_detector(model: Detector, loader: DataLoader, device: torch.device, dete
 
 
 def evaluate_model(model: Detector, source, detect, device: torch.device, *, batch_size: int = 16,
-                   num_workers: int = 0, out_json: Path | None = None) -> dict:
+                   num_workers: int = 0, out_json: Path | None = None, per_iou: bool = False) -> dict:
     """COCO metrics of ``model`` on a labeled source (instances JSON), detections made as ``detect``
-    (a ``settings.DetectConfig``) says; optionally writes the metrics and the detection count."""
+    (a ``settings.DetectConfig``) says; optionally writes the metrics and the detection count.
+    ``per_iou`` adds AP at each IoU threshold (``evaluate.coco_evaluate``)."""
     dataset = DetectionDataset(source, model.preprocess)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
@@ -68,7 +69,7 @@ def evaluate_model(model: Detector, source, detect, device: torch.device, *, bat
             results.extend(detections_to_coco(batch["image_id"][i], boxes, d["scores"], d["labels"],
                                               source.categories.to_category_id))
     metrics = coco_evaluate(str(source.annotations_path), results,
-                            image_ids=[r.image_id for r in source.images])
+                            image_ids=[r.image_id for r in source.images], per_iou=per_iou)
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps({"metrics": metrics, "num_detections": len(results)}, indent=2))

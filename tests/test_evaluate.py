@@ -76,6 +76,21 @@ def test_shifted_boxes_drop_ap75_keep_ap50(gt_path):
     assert json.dumps(detections) == original  # input not mutated by pycocotools
 
 
+def test_per_iou_ap_by_hand(gt_path):
+    # The same shifted boxes (IoU 0.667 with their GT): matched at thresholds 0.50 ... 0.65 (AP 1
+    # there), missed at 0.70 ... 0.95 (AP 0); their mean is the summary AP (0.4).
+    metrics = coco_evaluate(gt_path, _gt_as_detections(shift_fraction=0.2), per_iou=True)
+    per_iou = {k: v for k, v in metrics.items() if k.startswith("AP@")}
+    assert list(per_iou) == [f"AP@{0.5 + 0.05 * i:.2f}" for i in range(10)]
+    assert [per_iou[k] for k in per_iou] == pytest.approx([1.0] * 4 + [0.0] * 6)
+    assert sum(per_iou.values()) / 10 == pytest.approx(metrics["AP"])
+    # one of category 3's two objects found, at IoU 1: 51/101 for cat 3, 1 for cat 7 at every threshold
+    one = coco_evaluate(gt_path, [d for d in _gt_as_detections() if d["image_id"] == 1], per_iou=True)
+    assert one["AP@0.95"] == pytest.approx((51 / 101 + 1) / 2) and one["AP@0.50"] == pytest.approx(one["AP50"])
+    assert set(coco_evaluate(gt_path, []).keys()) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}  # off by default
+    assert coco_evaluate(gt_path, [], per_iou=True)["AP@0.50"] == 0.0
+
+
 def test_empty_detections_give_zero(gt_path):
     metrics = coco_evaluate(gt_path, [])
     assert metrics["AP"] == 0.0 and metrics["AP50"] == 0.0 and metrics["AP75"] == 0.0 and metrics["APm"] == 0.0
