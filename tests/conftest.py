@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -56,3 +57,12 @@ def make_spread_teacher(cfg: dict, path: Path, seed: int = 0) -> Path:
         model.head.classification_head.cls_logits.weight.normal_(0.0, 0.1)
         model.head.classification_head.cls_logits.bias.fill_(-3.5)
     return save_checkpoint(path, model)
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, for the tests of its helpers."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,22 +2,18 @@
 survives the loss of its run directories; these tests check the record's round trip, its
 refusal of another teacher's records, and the teacher digest it relies on."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("toy_distillation", ROOT / "benchmarks" / "toy_distillation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("toy_distillation")
 
 
 def fake_run_dir(run, data_root: str) -> dict:

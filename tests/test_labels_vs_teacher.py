@@ -1,9 +1,7 @@
 """benchmarks/labels_vs_teacher.py: the figures behind "what the teacher adds to the labels"
 (docs/results.md), checked on constant teachers and students whose values follow by hand."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,8 @@ from sadpipe import losses
 from sadpipe.geometry import AnchorLayout
 from sadpipe.labeling import IGNORED, match_anchors
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
+
 LAYOUT = AnchorLayout(strides=(8, 16, 32, 64, 128), sizes=(16.0, 32.0, 64.0, 128.0, 256.0))
 PADDED, K = (128, 128), 3
 BOXES = torch.tensor([[10.0, 10.0, 40.0, 44.0], [60.0, 70.0, 120.0, 110.0]])
@@ -21,10 +20,7 @@ LABELS = torch.tensor([2, 0])
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("labels_vs_teacher", ROOT / "benchmarks" / "labels_vs_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("labels_vs_teacher")
 
 
 class Constant(torch.nn.Module):
