@@ -275,6 +275,7 @@ CLAIMS = [
     ("KD > none", "plain KD", "student alone"),
     ("ADL > KD", "ADL (labeled)", "plain KD"),
     ("ADL > none", "ADL (labeled)", "student alone"),
+    ("ADL > FDL", "ADL (labeled)", "FDL (beta=0)"),  # the paper's ablation of the entropy term
     ("SAD > ADL", "SAD (labeled + unlabeled)", "ADL (labeled)"),
     ("SAD > data distillation", "SAD (labeled + unlabeled)", "data distillation"),
     # the released code's SAD is data distillation plus ADL: the claim as its code tests it
