@@ -117,8 +117,6 @@ def coco_evaluate(
 def _ap_per_iou(evaluator: COCOeval) -> dict[str, float]:
     """AP at each IoU threshold, averaged over recall points and classes as COCOeval.summarize does."""
     out = {}
-    if not evaluator.eval:  # no detections at all: every AP is 0, as the summary says
-        return {f"AP@{t:.2f}": 0.0 for t in evaluator.params.iouThrs}
     precision = evaluator.eval["precision"]  # [T iou, R recall, K class, A area, M max dets]
     area, max_dets = evaluator.params.areaRngLbl.index("all"), len(evaluator.params.maxDets) - 1
     for t, threshold in enumerate(evaluator.params.iouThrs):
