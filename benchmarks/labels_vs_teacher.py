@@ -41,14 +41,28 @@ from sadpipe.models import load_detector
 from sadpipe.settings import load_settings
 
 
+class _Pull:
+    """One loss's gradient against the labels' (p - y), summed over images."""
+
+    def __init__(self):
+        self.dot = self.sq = self.on_positives = self.against = 0.0
+
+    def add(self, grad, label, positive) -> None:
+        self.dot += float((grad * label).sum())
+        self.sq += float((grad * grad).sum())
+        self.on_positives += float((grad[positive] ** 2).sum())
+        self.against += float((grad[grad * label < 0] ** 2).sum())
+
+
 @torch.no_grad()
 def compare(teacher, student, dataset, images: int) -> dict:
     """Sums over ``images`` images of ``dataset``; see the module docstring for the keys."""
     layout = teacher.layout
     n_pos = n_miss = n_false = 0
-    q_pos_sum = gap = dot = kd_sq = label_sq = adl_dot = adl_sq = kd_pos_sq = adl_pos_sq = 0.0
-    kd_against = adl_against = 0.0
-    for index in range(min(images, len(dataset))):
+    q_pos_sum = gap = label_sq = 0.0
+    kd_pull, adl_pull = _Pull(), _Pull()
+    count = min(images, len(dataset))
+    for index in range(count):
         sample = dataset[index]
         x = torch.zeros(1, 3, *sample["padded_size"])
         x[0, :, : sample["image"].shape[1], : sample["image"].shape[2]] = sample["image"]
@@ -65,23 +79,15 @@ def compare(teacher, student, dataset, images: int) -> dict:
         n_miss += int((q[pos] < 0.5).sum())
         n_false += int(((q >= 0.5) & (y == 0) & keep).sum())
         gap += float((q - y).abs()[keep].sum())
-        kd, label = (p - q)[keep], (p - y)[keep]
-        dot += float((kd * label).sum())
-        kd_sq += float((kd * kd).sum())
+        label = (p - y)[keep]
         label_sq += float((label * label).sum())
-        kd_pos_sq += float((kd[y[keep] == 1] ** 2).sum())
-        kd_against += float((kd[kd * label < 0] ** 2).sum())
+        kd_pull.add((p - q)[keep], label, y[keep] == 1)  # plain KD's gradient w.r.t. the logits
         with torch.enable_grad():
             s = s_logits.clone().requires_grad_(True)
             adl_loss = losses.adaptive_distillation_loss(s, t_logits, beta=1.0, gamma=2.0)
             (adl_grad,) = torch.autograd.grad(adl_loss[keep].sum(), s)
-        adl = adl_grad[keep]
-        adl_dot += float((adl * label).sum())
-        adl_sq += float((adl * adl).sum())
-        adl_pos_sq += float((adl[y[keep] == 1] ** 2).sum())
-        adl_against += float((adl[adl * label < 0] ** 2).sum())
-    count = min(images, len(dataset))
-    cosine = dot / math.sqrt(kd_sq * label_sq)
+        adl_pull.add(adl_grad[keep], label, y[keep] == 1)
+    cosine = kd_pull.dot / math.sqrt(kd_pull.sq * label_sq)
     return {
         "images": count,
         "positive_entries_per_image": n_pos / count,
@@ -91,12 +97,12 @@ def compare(teacher, student, dataset, images: int) -> dict:
         "target_gap": gap / n_pos,
         "kd_label_cosine": cosine,
         "kd_beyond_labels": math.sqrt(max(0.0, 1.0 - cosine**2)),
-        "student_to_teacher_over_student_to_labels": math.sqrt(kd_sq / label_sq),
-        "adl_label_cosine": adl_dot / math.sqrt(adl_sq * label_sq),
-        "kd_grad_on_positives": kd_pos_sq / kd_sq,
-        "adl_grad_on_positives": adl_pos_sq / adl_sq,
-        "kd_grad_against_labels": kd_against / kd_sq,
-        "adl_grad_against_labels": adl_against / adl_sq,
+        "student_to_teacher_over_student_to_labels": math.sqrt(kd_pull.sq / label_sq),
+        "adl_label_cosine": adl_pull.dot / math.sqrt(adl_pull.sq * label_sq),
+        "kd_grad_on_positives": kd_pull.on_positives / kd_pull.sq,
+        "adl_grad_on_positives": adl_pull.on_positives / adl_pull.sq,
+        "kd_grad_against_labels": kd_pull.against / kd_pull.sq,
+        "adl_grad_against_labels": adl_pull.against / adl_pull.sq,
     }
 
 
