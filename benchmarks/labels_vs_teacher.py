@@ -39,6 +39,7 @@ from sadpipe.data.dataset import DetectionDataset, labeled_source
 from sadpipe.labeling import IGNORED, match_anchors
 from sadpipe.models import load_detector
 from sadpipe.settings import load_settings
+from sadpipe.transforms import pad_batch
 
 
 class _Pull:
@@ -64,8 +65,7 @@ def compare(teacher, student, dataset, images: int) -> dict:
     count = min(images, len(dataset))
     for index in range(count):
         sample = dataset[index]
-        x = torch.zeros(1, 3, *sample["padded_size"])
-        x[0, :, : sample["image"].shape[1], : sample["image"].shape[2]] = sample["image"]
+        x, _ = pad_batch([sample["image"]], [sample["padded_size"]])  # padded alone, as the dump does
         t_logits, s_logits = teacher(x)[0][0].double(), student(x)[0][0].double()  # [A, K]
         q, p = torch.sigmoid(t_logits), torch.sigmoid(s_logits)
         matched = match_anchors(layout.anchors(sample["padded_size"]), sample["boxes"], sample["iscrowd"])

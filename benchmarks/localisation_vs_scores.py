@@ -32,6 +32,7 @@ from sadpipe.data.dataset import DetectionDataset, labeled_source
 from sadpipe.labeling import decode_boxes, match_anchors
 from sadpipe.models import load_detector
 from sadpipe.settings import load_settings
+from sadpipe.transforms import pad_batch
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +54,7 @@ def localisation(model, dataset, images: int) -> dict:
         sample = dataset[index]
         if sample["boxes"].numel() == 0:
             continue
-        x = torch.zeros(1, 3, *sample["padded_size"])
-        x[0, :, : sample["image"].shape[1], : sample["image"].shape[2]] = sample["image"]
+        x, _ = pad_batch([sample["image"]], [sample["padded_size"]])  # padded alone, as the dump does
         cls, box = model(x)
         anchors = model.layout.anchors(sample["padded_size"])
         boxes = decode_boxes(box.float(), anchors)[0]

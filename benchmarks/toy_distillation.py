@@ -60,8 +60,8 @@ METHODS = {
 ONLINE = ["plain KD", "ADL (labeled)", "SAD (labeled + unlabeled)"]
 # method -> list of (label, overrides) tried on the tuning hold-out, seed 0
 SWEEP = {
-    # ADL's grid goes one step further: its best on the confident teacher was 8, the edge of the first grid
     "plain KD": [(f"loss_weight={w}", [f"distill.loss_weight={w}"]) for w in (0.5, 2, 8)],
+    # ADL's grid goes one step further: its best on the confident teacher was 8, the edge of the first grid
     "ADL (labeled)": [(f"loss_weight={w}", [f"distill.loss_weight={w}"]) for w in (0.5, 2, 8, 32)],
     "Chen: weighted soft CE": [(f"hard_weight={m}", [f"distill.hard_weight={m}"]) for m in (0.25, 0.5, 0.75)],
     "Chen: bounded regression": [(f"margin={m}", [f"distill.bounded_regression_margin={m}"]) for m in (0.0, 0.1)],

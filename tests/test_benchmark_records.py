@@ -10,7 +10,6 @@ import torch
 from conftest import load_benchmark
 
 
-
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("toy_distillation")
