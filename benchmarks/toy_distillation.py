@@ -252,6 +252,9 @@ def table(results: list[dict], teacher_ap: float | None) -> str:
         name = f"{method} ({label})" if label else method
         lines.append(f"| {name} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | "
                      f"{'-' if method == 'student alone' else mean_std(diff)} | {pct} |")
+    if not alone:
+        # a results directory of one method's variant (e.g. another cache) is compared by hand
+        lines.append("\n(No student-alone run in this results directory, so no paired differences.)")
     return "\n".join(lines)
 
 

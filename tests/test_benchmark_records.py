@@ -78,3 +78,49 @@ def test_method_set_splits_after_the_method_name(bench):
         "SAD", 'distill.online_teacher="s3://b/t.pt"')
     with pytest.raises(SystemExit, match="METHOD:KEY=VALUE"):
         bench.parse_method_set("ADL loss_weight=8")
+
+
+def result(method: str, seed: int, ap: float, label: str = "") -> dict:
+    return {"method": method, "label": label, "seed": seed, "metrics": {"AP": ap, "AP50": ap + 0.2}}
+
+
+def test_table_pairs_by_seed_not_by_position(bench):
+    # student alone 0.60 / 0.64 on seeds 0 / 1; KD has seed 1 first in the list, 0.66 then 0.61.
+    # Paired: seed 0 61 - 60 = +1, seed 1 66 - 64 = +2 -> mean 1.50, std sqrt(((1-1.5)^2 + (2-1.5)^2) / 1) = 0.71.
+    # Mean KD mAP (61 + 66) / 2 = 63.50 -> 63.50 / 70 = 91 % of a 70-mAP teacher.
+    rows = [result("student alone", 0, 0.60), result("student alone", 1, 0.64),
+            result("plain KD", 1, 0.66, "loss_weight=2"), result("plain KD", 0, 0.61, "loss_weight=2")]
+    text = bench.table(rows, 70.0)
+    kd = next(line for line in text.splitlines() if line.startswith("| plain KD"))
+    assert kd == "| plain KD (loss_weight=2) | 2 | 63.50 +- 3.54 | 83.50 +- 3.54 | 1.50 +- 0.71 | 91 % |"
+    assert "No student-alone run" not in text
+
+
+def test_table_says_why_the_paired_column_is_empty(bench):
+    text = bench.table([result("plain KD", 0, 0.61)], None)
+    assert "| plain KD | 1 | 61.00 | 81.00 | - | - |" in text
+    assert "No student-alone run in this results directory" in text
+
+
+def test_claims_hold_only_when_every_seed_agrees(bench):
+    # SAD - ADL per seed: 66 - 62 = +4, 65 - 66 = -1 -> mean 1.50, not every seed -> "no".
+    # KD - none per seed: 63 - 62 = +1, 64 - 63 = +1 -> 1.00 +- 0.00, every seed -> "yes".
+    # SAD against a 70-mAP teacher: 66 - 70 = -4, 65 - 70 = -5 -> -4.50 +- 0.71, "no".
+    rows = [result("student alone", 0, 0.62), result("student alone", 1, 0.63),
+            result("plain KD", 0, 0.63), result("plain KD", 1, 0.64),
+            result("ADL (labeled)", 0, 0.62), result("ADL (labeled)", 1, 0.66),
+            result("SAD (labeled + unlabeled)", 0, 0.66), result("SAD (labeled + unlabeled)", 1, 0.65)]
+    lines = bench.claims_table(rows, 70.0).splitlines()
+    assert "| KD > none | 2 | 1.00 +- 0.00 | yes |" in lines
+    assert "| SAD > ADL | 2 | 1.50 +- 3.54 | no |" in lines
+    assert "| SAD (labeled + unlabeled) student >= teacher (70.00) | 2 | -4.50 +- 0.71 | no |" in lines
+    # no data distillation run: its claims are left out rather than shown empty
+    assert not any("data distillation" in line for line in lines)
+
+
+def test_online_minus_cached_is_paired_by_seed(bench):
+    # online - cached: seed 0 63 - 64 = -1, seed 2 65 - 62 = +3 -> 1.00 +- 2.83; the cached seed 1
+    # has no online partner, so it counts only in the cached std: std(64, 60, 62) = 2.00.
+    rows = [result("plain KD", 0, 0.64), result("plain KD", 1, 0.60), result("plain KD", 2, 0.62),
+            result("plain KD, online teacher", 0, 0.63), result("plain KD, online teacher", 2, 0.65)]
+    assert "| plain KD | 2 | 1.00 +- 2.83 | 2.00 |" in bench.online_table(rows).splitlines()
