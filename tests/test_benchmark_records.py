@@ -124,3 +124,22 @@ def test_online_minus_cached_is_paired_by_seed(bench):
     rows = [result("plain KD", 0, 0.64), result("plain KD", 1, 0.60), result("plain KD", 2, 0.62),
             result("plain KD, online teacher", 0, 0.63), result("plain KD, online teacher", 2, 0.65)]
     assert "| plain KD | 2 | 1.00 +- 2.83 | 2.00 |" in bench.online_table(rows).splitlines()
+
+
+def test_self_distillation_is_compared_with_the_same_network_alone(bench, tmp_path):
+    # both same-size methods take the teacher's model table from its checkpoint
+    ckpt = tmp_path / "teacher.pt"
+    torch.save({"spec": {"arch": "resnet18", "fpn_channels": 64, "head_norm": "group", "backbone_norm": "frozen_bn"},
+                "model": {}}, ckpt)
+    assert bench.teacher_model_overrides(ckpt) == [
+        'student.model.arch="resnet18"', "student.model.fpn_channels=64",
+        'student.model.head_norm="group"', 'student.model.backbone_norm="frozen_bn"']
+    assert bench.METHODS["teacher arch alone"] == ['distill.method="none"', "SELF"]
+    # self-distillation - same network alone per seed: 70 - 68 = +2, 69 - 69 = 0 -> 1.00 +- 1.41, "no";
+    # against a 75-mAP teacher: 70 - 75 = -5, 69 - 75 = -6 -> -5.50 +- 0.71
+    rows = [result("teacher arch alone", 0, 0.68), result("teacher arch alone", 1, 0.69),
+            result("self-distillation (teacher arch, SAD)", 0, 0.70),
+            result("self-distillation (teacher arch, SAD)", 1, 0.69)]
+    lines = bench.claims_table(rows, 75.0).splitlines()
+    assert "| self-distillation > teacher arch alone | 2 | 1.00 +- 1.41 | no |" in lines
+    assert "| self-distillation (teacher arch, SAD) student >= teacher (75.00) | 2 | -5.50 +- 0.71 | no |" in lines
