@@ -238,6 +238,11 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
+def same_sign(diffs: list[float]) -> str:
+    """' (every seed)' when two or more paired differences all lie on one side of zero."""
+    return " (every seed)" if len(diffs) > 1 and (min(diffs) > 0 or max(diffs) < 0) else ""
+
+
 def table(results: list[dict], teacher_ap: float | None) -> str:
     by_method: dict[str, dict[int, dict]] = {}
     for r in results:
@@ -252,8 +257,8 @@ def table(results: list[dict], teacher_ap: float | None) -> str:
         pct = f"{100 * statistics.mean(aps) / teacher_ap:.0f} %" if teacher_ap else "-"
         label = next(iter(runs.values()))["label"]
         name = f"{method} ({label})" if label else method
-        lines.append(f"| {name} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | "
-                     f"{'-' if method == 'student alone' else mean_std(diff)} | {pct} |")
+        paired = "-" if method == "student alone" else mean_std(diff) + same_sign(diff)
+        lines.append(f"| {name} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | {paired} | {pct} |")
     if not alone:
         # a results directory of one method's variant (e.g. another cache) is compared by hand
         lines.append("\n(No student-alone run in this results directory, so no paired differences.)")

@@ -92,8 +92,11 @@ def test_table_pairs_by_seed_not_by_position(bench):
             result("plain KD", 1, 0.66, "loss_weight=2"), result("plain KD", 0, 0.61, "loss_weight=2")]
     text = bench.table(rows, 70.0)
     kd = next(line for line in text.splitlines() if line.startswith("| plain KD"))
-    assert kd == "| plain KD (loss_weight=2) | 2 | 63.50 +- 3.54 | 83.50 +- 3.54 | 1.50 +- 0.71 | 91 % |"
+    assert kd == "| plain KD (loss_weight=2) | 2 | 63.50 +- 3.54 | 83.50 +- 3.54 | 1.50 +- 0.71 (every seed) | 91 % |"
     assert "No student-alone run" not in text
+    # mixed signs get no mark: ADL - none = 62 - 60 = +2 on seed 0, 63 - 64 = -1 on seed 1 -> 0.50 +- 2.12
+    rows += [result("ADL (labeled)", 0, 0.62), result("ADL (labeled)", 1, 0.63)]
+    assert "| 0.50 +- 2.12 | " in bench.table(rows, 70.0)
 
 
 def test_table_says_why_the_paired_column_is_empty(bench):
