@@ -17,10 +17,12 @@ teacher's q = sigmoid(logit) with y over the non-ignored (anchor, class) entries
 - ``kd_label_cosine``: cosine between plain KD's gradient w.r.t. the student's logits (p - q) and
   the label cross-entropy's (p - y), summed over the images; ``kd_beyond_labels`` = sqrt(1 - cos^2),
   the share of KD's pull that points where the labels' pull does not;
-- ``adl_label_cosine``: the same for ADL's gradient (the paper's form, beta 1, gamma 2);
-- ``kd_grad_on_positives`` / ``adl_grad_on_positives``: the share of each gradient's squared norm
+- ``adl_label_cosine``: the same for ADL's gradient (the paper's form, beta 1, gamma 2), and
+  ``wce_label_cosine`` for Chen et al.'s weighted soft cross-entropy (background weight 1.5, the
+  soft part of their mixed loss);
+- ``kd_grad_on_positives`` / ``adl_...`` / ``wce_...``: the share of each gradient's squared norm
   on the y = 1 entries (the rest is on background entries);
-- ``kd_grad_against_labels`` / ``adl_grad_against_labels``: the share of each gradient's squared
+- ``kd_grad_against_labels`` / ``adl_...`` / ``wce_...``: the share of each gradient's squared
   norm on entries where it pushes the student's logit the other way than the labels do;
 - ``student_to_teacher`` / ``student_to_labels``: ||p - q|| / ||p - y||, how far the student is
   from each target.
@@ -55,13 +57,21 @@ class _Pull:
         self.against += float((grad[grad * label < 0] ** 2).sum())
 
 
+def _logit_grad(loss_of, student_logits):
+    """d sum(loss_of(s)) / d s at the student's logits, [A, K] float64 (each entry's own gradient)."""
+    with torch.enable_grad():
+        s = student_logits.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_of(s).sum(), s)
+    return grad
+
+
 @torch.no_grad()
 def compare(teacher, student, dataset, images: int) -> dict:
     """Sums over ``images`` images of ``dataset``; see the module docstring for the keys."""
     layout = teacher.layout
     n_pos = n_miss = n_false = 0
     q_pos_sum = gap = label_sq = 0.0
-    kd_pull, adl_pull = _Pull(), _Pull()
+    kd_pull, adl_pull, wce_pull = _Pull(), _Pull(), _Pull()
     count = min(images, len(dataset))
     for index in range(count):
         sample = dataset[index]
@@ -82,12 +92,12 @@ def compare(teacher, student, dataset, images: int) -> dict:
         label = (p - y)[keep]
         label_sq += float((label * label).sum())
         kd_pull.add((p - q)[keep], label, y[keep] == 1)  # plain KD's gradient w.r.t. the logits
-        with torch.enable_grad():
-            s = s_logits.clone().requires_grad_(True)
-            adl_loss = losses.adaptive_distillation_loss(s, t_logits, beta=1.0, gamma=2.0)
-            (adl_grad,) = torch.autograd.grad(adl_loss[keep].sum(), s)
+        adl_grad = _logit_grad(lambda s: losses.adaptive_distillation_loss(s, t_logits, beta=1.0, gamma=2.0), s_logits)
         adl_pull.add(adl_grad[keep], label, y[keep] == 1)
+        wce_grad = _logit_grad(lambda s: losses.weighted_soft_cross_entropy(s, t_logits, background_weight=1.5), s_logits)
+        wce_pull.add(wce_grad[keep], label, y[keep] == 1)
     cosine = kd_pull.dot / math.sqrt(kd_pull.sq * label_sq)
+    pulls = {"kd": kd_pull, "adl": adl_pull, "wce": wce_pull}
     return {
         "images": count,
         "positive_entries_per_image": n_pos / count,
@@ -99,11 +109,15 @@ def compare(teacher, student, dataset, images: int) -> dict:
         "kd_beyond_labels": math.sqrt(max(0.0, 1.0 - cosine**2)),
         "student_to_teacher_over_student_to_labels": math.sqrt(kd_pull.sq / label_sq),
         "adl_label_cosine": adl_pull.dot / math.sqrt(adl_pull.sq * label_sq),
-        "kd_grad_on_positives": kd_pull.on_positives / kd_pull.sq,
-        "adl_grad_on_positives": adl_pull.on_positives / adl_pull.sq,
-        "kd_grad_against_labels": kd_pull.against / kd_pull.sq,
-        "adl_grad_against_labels": adl_pull.against / adl_pull.sq,
+        "wce_label_cosine": wce_pull.dot / math.sqrt(wce_pull.sq * label_sq),
+        **{f"{name}_grad_on_positives": pull.on_positives / pull.sq for name, pull in pulls.items()},
+        **{f"{name}_grad_against_labels": pull.against / pull.sq for name, pull in pulls.items()},
     }
+
+
+def shares(r: dict, what: str) -> str:
+    """'48 % / 92 % / 60 %': KD's, ADL's and weighted CE's share of their gradient's squared norm."""
+    return " / ".join(f"{100 * r[f'{name}_grad_{what}']:.0f} %" for name in ("kd", "adl", "wce"))
 
 
 def main(argv=None) -> None:
@@ -122,8 +136,9 @@ def main(argv=None) -> None:
     out = {}
     print("| split | images | positives / image | teacher q at positives | teacher misses (q < 0.5) | teacher false / image "
           "| target gap sum abs(q - y) / positives | cos(KD grad, label grad) | KD beyond labels | abs(p - q) / abs(p - y) "
-          "| cos(ADL grad, label grad) | KD / ADL grad on positives | KD / ADL grad against the labels |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| cos(ADL grad, label grad) | cos(Chen wCE grad, label grad) | KD / ADL / wCE grad on positives "
+          "| KD / ADL / wCE grad against the labels |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for split in ("train", "val"):
         dataset = DetectionDataset(labeled_source(cfg.data, split), teacher.preprocess)
         r = out[split] = compare(teacher, student, dataset, args.images)
@@ -131,8 +146,8 @@ def main(argv=None) -> None:
               f"{100 * r['teacher_misses']:.1f} % | {r['teacher_false_per_image']:.2f} | {r['target_gap']:.3f} | "
               f"{r['kd_label_cosine']:.3f} | {r['kd_beyond_labels']:.3f} | "
               f"{r['student_to_teacher_over_student_to_labels']:.3f} | {r['adl_label_cosine']:.3f} | "
-              f"{100 * r['kd_grad_on_positives']:.0f} % / {100 * r['adl_grad_on_positives']:.0f} % | "
-              f"{100 * r['kd_grad_against_labels']:.0f} % / {100 * r['adl_grad_against_labels']:.0f} % |", flush=True)
+              f"{r['wce_label_cosine']:.3f} | " + shares(r, "on_positives") + " | " + shares(r, "against_labels") + " |",
+              flush=True)
     print(json.dumps(out, indent=1))
 
 

@@ -105,6 +105,15 @@ def test_a_softer_teacher_by_hand(bench):
     assert r["adl_label_cosine"] == pytest.approx(adl_dot / math.sqrt(adl_sq * label_sq), rel=1e-9)
     assert r["adl_grad_on_positives"] == pytest.approx(n_pos * g_pos**2 / adl_sq, rel=1e-9)
     assert r["kd_grad_against_labels"] == 0 and r["adl_grad_against_labels"] == 0
+    # Chen's weighted soft CE, -(q log p + 1.5 (1 - q) log(1 - p)), has d/dz = q (p - 1) + 1.5 (1 - q) p:
+    #   positives (q 0.75): 0.75 * -0.75 + 1.5 * 0.25 * 0.25 = -0.46875
+    #   elsewhere (q 0.1):  0.1 * -0.75 + 1.5 * 0.9 * 0.25 = 0.2625
+    w_pos, w_neg = -0.46875, 0.2625
+    wce_sq = n_pos * w_pos**2 + n_neg * w_neg**2
+    wce_dot = n_pos * w_pos * -0.75 + n_neg * w_neg * 0.25
+    assert r["wce_label_cosine"] == pytest.approx(wce_dot / math.sqrt(wce_sq * label_sq), rel=1e-9)
+    assert r["wce_grad_on_positives"] == pytest.approx(n_pos * w_pos**2 / wce_sq, rel=1e-9)
+    assert r["wce_grad_against_labels"] == 0
 
 
 def test_misses_and_false_detections_are_counted(bench):
