@@ -273,10 +273,13 @@ def test_training_reads_the_cache_and_never_builds_the_teacher(world, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["none", "kd", "fdl", "adl", "sad", "data_distillation", "weighted_ce"])
-def test_every_method_trains_and_logs_its_terms(world, tmp_path, method):
+def test_every_method_trains_and_logs_its_terms(world, tmp_path, method, capsys):
     cfg = _cfg(world["root"], f'distill.method="{method}"')
     cache = None if method == "none" else world["both"]  # the student alone needs no cache
     summary = distill.train_student(cfg, cache, tmp_path / "run", device="cpu", max_steps=2, evaluate=False)
+    # plain KD alone is told that the default codec (floor 0.03) rounds the background it weighs
+    assert ("note: plain KD through a cache whose codec rounds every q below 0.03" in capsys.readouterr().out) \
+        == (method == "kd")
     assert summary["steps"] == 2 and (tmp_path / "run" / "final.pt").is_file()
     records = _metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2]

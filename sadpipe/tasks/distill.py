@@ -297,6 +297,13 @@ def train_student(cfg: PipelineConfig, cache: str | Path | TeacherCache | None, 
             raise TrainingError(f"distill.bounded_regression_weight > 0 needs the teacher's box regression, which "
                                 f"the cache {cache.path} does not keep: re-dump with `sadpipe dump-teacher "
                                 "--with-box-regression`, or set distill.bounded_regression_weight=0")
+        floor = getattr(cache.codec, "floor", 0.0)
+        if method == "kd" and floor >= 0.01:
+            # plain KD weighs every background entry, and the codec stores those as one value per image;
+            # with an under-confident teacher that shifted KD's result (docs/codec.md, docs/results.md)
+            log(f"note: plain KD through a cache whose codec rounds every q below {floor} to one value per image; "
+                "with a weak teacher (background q near the floor) dump with --set 'dump.codec={name=\"binned_probability\", "
+                "floor=0.003}' to store the background finer (about 5x the bits)")
     else:
         cache = None
     teacher = model_to(load_detector(dcfg.online_teacher), dev, cfg.student.train.channels_last).eval() if online else None
