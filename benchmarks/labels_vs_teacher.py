@@ -116,7 +116,7 @@ def compare(teacher, student, dataset, images: int) -> dict:
 
 
 def shares(r: dict, what: str) -> str:
-    """'48 % / 92 % / 60 %': KD's, ADL's and weighted CE's share of their gradient's squared norm."""
+    """e.g. '48 % / 92 % / 25 %': KD's, ADL's and weighted CE's share of their gradient's squared norm."""
     return " / ".join(f"{100 * r[f'{name}_grad_{what}']:.0f} %" for name in ("kd", "adl", "wce"))
 
 
