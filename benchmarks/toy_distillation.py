@@ -248,17 +248,25 @@ def table(results: list[dict], teacher_ap: float | None) -> str:
     for r in results:
         by_method.setdefault(r["method"], {})[r["seed"]] = r
     alone = by_method.get("student alone", {})
-    lines = ["| method | seeds | val mAP (%) | AP50 (%) | paired diff. to student alone (mAP) | % of teacher |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | val mAP (%) | AP50 (%) | paired diff. to student alone (mAP) | paired diff. (AP50) "
+             "| % of teacher |",
+             "|---|---|---|---|---|---|---|"]
     for method, runs in by_method.items():
         aps = [100 * runs[s]["metrics"]["AP"] for s in sorted(runs)]
         ap50 = [100 * runs[s]["metrics"]["AP50"] for s in sorted(runs)]
-        diff = [100 * (runs[s]["metrics"]["AP"] - alone[s]["metrics"]["AP"]) for s in sorted(runs) if s in alone]
+
+        def paired(key: str) -> str:
+            # AP50 beside mAP: a gain at loose IoU paid for at strict IoU leaves mAP flat
+            if method == "student alone":
+                return "-"
+            diff = [100 * (runs[s]["metrics"][key] - alone[s]["metrics"][key]) for s in sorted(runs) if s in alone]
+            return mean_std(diff) + same_sign(diff)
+
         pct = f"{100 * statistics.mean(aps) / teacher_ap:.0f} %" if teacher_ap else "-"
         label = next(iter(runs.values()))["label"]
         name = f"{method} ({label})" if label else method
-        paired = "-" if method == "student alone" else mean_std(diff) + same_sign(diff)
-        lines.append(f"| {name} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | {paired} | {pct} |")
+        lines.append(f"| {name} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | {paired('AP')} | {paired('AP50')} "
+                     f"| {pct} |")
     if not alone:
         # a results directory of one method's variant (e.g. another cache) is compared by hand
         lines.append("\n(No student-alone run in this results directory, so no paired differences.)")

@@ -92,7 +92,9 @@ def test_table_pairs_by_seed_not_by_position(bench):
             result("plain KD", 1, 0.66, "loss_weight=2"), result("plain KD", 0, 0.61, "loss_weight=2")]
     text = bench.table(rows, 70.0)
     kd = next(line for line in text.splitlines() if line.startswith("| plain KD"))
-    assert kd == "| plain KD (loss_weight=2) | 2 | 63.50 +- 3.54 | 83.50 +- 3.54 | 1.50 +- 0.71 (every seed) | 91 % |"
+    # AP50 is AP + 0.2 in these records, so its paired differences are the same: 1.50 +- 0.71
+    assert kd == ("| plain KD (loss_weight=2) | 2 | 63.50 +- 3.54 | 83.50 +- 3.54 | 1.50 +- 0.71 (every seed) "
+                  "| 1.50 +- 0.71 (every seed) | 91 % |")
     assert "No student-alone run" not in text
     # mixed signs get no mark: ADL - none = 62 - 60 = +2 on seed 0, 63 - 64 = -1 on seed 1 -> 0.50 +- 2.12
     rows += [result("ADL (labeled)", 0, 0.62), result("ADL (labeled)", 1, 0.63)]
@@ -101,7 +103,7 @@ def test_table_pairs_by_seed_not_by_position(bench):
 
 def test_table_says_why_the_paired_column_is_empty(bench):
     text = bench.table([result("plain KD", 0, 0.61)], None)
-    assert "| plain KD | 1 | 61.00 | 81.00 | - | - |" in text
+    assert "| plain KD | 1 | 61.00 | 81.00 | - | - | - |" in text
     assert "No student-alone run in this results directory" in text
 
 
@@ -146,3 +148,14 @@ def test_self_distillation_is_compared_with_the_same_network_alone(bench, tmp_pa
     lines = bench.claims_table(rows, 75.0).splitlines()
     assert "| self-distillation > teacher arch alone | 2 | 1.00 +- 1.41 | no |" in lines
     assert "| self-distillation (teacher arch, SAD) student >= teacher (75.00) | 2 | -5.50 +- 0.71 | no |" in lines
+
+
+def test_table_pairs_ap50_on_its_own(bench):
+    # flat mAP, a loose-IoU gain: AP 0.60 for both on seeds 0 and 1; AP50 0.80 / 0.82 alone,
+    # 0.84 / 0.87 distilled -> AP50 paired +4, +5 -> 4.50 +- 0.71, every seed; mAP paired 0.00 +- 0.00
+    rows = [result("student alone", 0, 0.60), result("student alone", 1, 0.60),
+            result("SAD (labeled + unlabeled)", 0, 0.60), result("SAD (labeled + unlabeled)", 1, 0.60)]
+    for r, ap50 in zip(rows, (0.80, 0.82, 0.84, 0.87)):
+        r["metrics"]["AP50"] = ap50
+    line = next(x for x in bench.table(rows, None).splitlines() if x.startswith("| SAD"))
+    assert line == "| SAD (labeled + unlabeled) | 2 | 60.00 +- 0.00 | 85.50 +- 2.12 | 0.00 +- 0.00 | 4.50 +- 0.71 (every seed) | - |"
