@@ -243,6 +243,12 @@ def same_sign(diffs: list[float]) -> str:
     return " (every seed)" if len(diffs) > 1 and (min(diffs) > 0 or max(diffs) < 0) else ""
 
 
+def paired_diff(runs: dict[int, dict], alone: dict[int, dict], key: str) -> str:
+    """Mean +- std over the seeds both have of 100 x (metric ``key`` of ``runs`` - of ``alone``)."""
+    diff = [100 * (runs[s]["metrics"][key] - alone[s]["metrics"][key]) for s in sorted(runs) if s in alone]
+    return mean_std(diff) + same_sign(diff)
+
+
 def table(results: list[dict], teacher_ap: float | None) -> str:
     by_method: dict[str, dict[int, dict]] = {}
     for r in results:
@@ -254,19 +260,13 @@ def table(results: list[dict], teacher_ap: float | None) -> str:
     for method, runs in by_method.items():
         aps = [100 * runs[s]["metrics"]["AP"] for s in sorted(runs)]
         ap50 = [100 * runs[s]["metrics"]["AP50"] for s in sorted(runs)]
-
-        def paired(key: str) -> str:
-            # AP50 beside mAP: a gain at loose IoU paid for at strict IoU leaves mAP flat
-            if method == "student alone":
-                return "-"
-            diff = [100 * (runs[s]["metrics"][key] - alone[s]["metrics"][key]) for s in sorted(runs) if s in alone]
-            return mean_std(diff) + same_sign(diff)
-
         pct = f"{100 * statistics.mean(aps) / teacher_ap:.0f} %" if teacher_ap else "-"
         label = next(iter(runs.values()))["label"]
         name = f"{method} ({label})" if label else method
-        lines.append(f"| {name} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | {paired('AP')} | {paired('AP50')} "
-                     f"| {pct} |")
+        # AP50 beside mAP: a gain at loose IoU paid for at strict IoU leaves mAP flat
+        ap_diff, ap50_diff = ("-", "-") if method == "student alone" else \
+            (paired_diff(runs, alone, "AP"), paired_diff(runs, alone, "AP50"))
+        lines.append(f"| {name} | {len(aps)} | {mean_std(aps)} | {mean_std(ap50)} | {ap_diff} | {ap50_diff} | {pct} |")
     if not alone:
         # a results directory of one method's variant (e.g. another cache) is compared by hand
         lines.append("\n(No student-alone run in this results directory, so no paired differences.)")
